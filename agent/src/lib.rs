@@ -1,1 +1,3 @@
-
+//! `nbagent`: the in-container notebook agent.
+pub mod identity;
+pub mod outbox;
