@@ -1,3 +1,221 @@
 //! `nbagent`: the in-container notebook agent.
+//!
+//! - [`channel`]: the TLS connection to nbserver (enrolment, mutual TLS, resend, acks,
+//!   heartbeats, reconnection).
+//! - [`outbox`]: the durable on-disk log every data message goes through.
+//! - [`sender`]: the producers' handle on the outbox, with backpressure.
+//! - [`identity`]: the agent's key and certificates, and TLS client configuration.
+//! - [`workload`]: a synthetic workload, until the kernel produces real output.
+//! - [`config`], [`telemetry`]: command line and logging.
+
+pub mod channel;
+pub mod config;
 pub mod identity;
 pub mod outbox;
+pub mod sender;
+pub mod telemetry;
+pub mod workload;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::channel::{Backoff, ChannelConfig, ChannelStatus, TokenSource};
+use crate::config::AgentArgs;
+use crate::identity::ServerTrust;
+use crate::outbox::{FsyncPolicy, Outbox, OutboxConfig};
+use crate::sender::{Sender, Shared};
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The state directory could not be prepared.
+    #[error("cannot prepare state directory {path}")]
+    StateDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The outbox could not be opened.
+    #[error("cannot open the outbox")]
+    Outbox(#[from] outbox::OutboxError),
+    /// Sending failed.
+    #[error("cannot queue a message")]
+    Send(#[from] sender::SendError),
+    /// Signal handling could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Creates `dir` (and parents) with mode 0700.
+pub fn private_dir(dir: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| AgentError::StateDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// Builds the channel configuration from the command line.
+pub fn channel_config(args: &AgentArgs) -> ChannelConfig {
+    let trust = match (&args.server_ca, &args.server_ca_sha256) {
+        (Some(f), _) => Some(ServerTrust::CaFile(f.clone())),
+        (None, Some(h)) => Some(ServerTrust::Fingerprint(h.clone())),
+        (None, None) => None,
+    };
+    ChannelConfig {
+        server: args.server.clone(),
+        server_name: args.server_name.clone(),
+        identity_dir: args.state_dir.join("identity"),
+        trust,
+        token: TokenSource {
+            value: args.token.clone(),
+            file: args.token_file.clone(),
+        },
+        plaintext: args.plaintext,
+        backoff: Backoff {
+            max: Duration::from_secs(args.max_backoff_secs.max(1)),
+            ..Backoff::default()
+        },
+        window_bytes: args.window_bytes.max(64 * 1024),
+        connect_timeout: Duration::from_secs(10),
+    }
+}
+
+/// Opens the agent's outbox under `state_dir`.
+pub fn open_outbox(args: &AgentArgs) -> Result<Outbox, AgentError> {
+    let fsync = if args.outbox_fsync_ms == 0 {
+        FsyncPolicy::EveryAppend
+    } else {
+        FsyncPolicy::Periodic
+    };
+    Ok(Outbox::open(OutboxConfig {
+        dir: args.state_dir.join("outbox"),
+        max_bytes: args.outbox_max_bytes,
+        fsync,
+        ..OutboxConfig::default()
+    })?)
+}
+
+/// Runs the agent until it is told to stop (or, with `--exit-when-drained`, until its
+/// workload is delivered).
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    private_dir(&args.state_dir)?;
+    let outbox = open_outbox(&args)?;
+    let window = outbox.window();
+    info!(
+        stream = %outbox.stream_id(),
+        last_seq = window.last_assigned(),
+        acked = window.acked(),
+        pending = outbox.pending_count(),
+        "outbox opened"
+    );
+    let shared = Shared::new(outbox, false);
+    let sender = Sender::new(shared.clone());
+    let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
+    let (status_tx, mut status_rx) = watch::channel(ChannelStatus::Disconnected);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let channel = tokio::spawn(channel::run(
+        channel_config(&args),
+        shared.clone(),
+        cmd_tx,
+        status_tx,
+        stop_rx,
+    ));
+    if args.outbox_fsync_ms > 0 {
+        let shared = shared.clone();
+        let every = Duration::from_millis(args.outbox_fsync_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let s = shared.clone();
+                let r = tokio::task::spawn_blocking(move || s.outbox().sync()).await;
+                if let Ok(Err(e)) = r {
+                    warn!(error = %e, "outbox fsync failed");
+                }
+            }
+        });
+    }
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let cmd_shutdown = shutdown_tx.clone();
+    tokio::spawn(async move {
+        while let Some(frame) = cmd_rx.recv().await {
+            match &frame.envelope.msg {
+                nbagent_protocol::Message::Shutdown { reason, .. } => {
+                    info!(%reason, "server asked us to shut down");
+                    let _ = cmd_shutdown.send(true);
+                }
+                other => info!(kind = other.kind(), "command received (no kernel yet)"),
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while status_rx.changed().await.is_ok() {
+            let s = status_rx.borrow().clone();
+            if let ChannelStatus::Stuck(reason) = s {
+                warn!(%reason, "channel needs operator action");
+            }
+        }
+    });
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(AgentError::Signals)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(AgentError::Signals)?;
+
+    let work = async {
+        if let Some(w) = &args.workload {
+            let already = shared.outbox().window().last_assigned();
+            let total = w.plan().len() as u64;
+            if already > 0 {
+                info!(already, total, "resuming workload after restart");
+            }
+            let sent = workload::run(w, &sender, already, |p| {
+                info!(done = p.done, total = p.total, "workload progress");
+            })
+            .await?;
+            info!(sent, total, "workload queued; waiting for acknowledgements");
+            if args.exit_when_drained {
+                shared.drained().await;
+                info!("everything acknowledged");
+                return Ok::<bool, AgentError>(true);
+            }
+        }
+        std::future::pending::<()>().await;
+        Ok(false)
+    };
+    let drain_first = tokio::select! {
+        r = work => { r?; false }
+        _ = sigterm.recv() => { info!("SIGTERM: draining the outbox"); true }
+        _ = sigint.recv() => { info!("SIGINT: draining the outbox"); true }
+        _ = shutdown_rx.changed() => true,
+    };
+    if drain_first {
+        let deadline = args.drain();
+        if tokio::time::timeout(deadline, shared.drained()).await.is_err() {
+            warn!(
+                pending = shared.outbox().pending_count(),
+                "drain deadline passed; unacknowledged messages stay in the outbox for the next start"
+            );
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = channel.await;
+    if let Err(e) = shared.outbox().sync() {
+        warn!(error = %e, "final outbox fsync failed");
+    }
+    info!("nbagent stopped");
+    Ok(())
+}

@@ -16,6 +16,8 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+#[cfg(feature = "tokio")]
+pub mod io;
 pub mod message;
 pub mod session;
 pub mod version;

@@ -320,6 +320,12 @@ impl ServerSession {
         self.received.stored()
     }
 
+    /// Re-synchronises with the durable store after it reported a different position
+    /// (for example when another connection of the same agent stored messages).
+    pub fn resync(&mut self, stored: u64) {
+        self.received = ReceiveLog::resume(stored);
+    }
+
     /// Interprets one frame from the agent.
     pub fn on_frame(&mut self, frame: &Frame) -> Result<ServerEvent, SessionError> {
         validate_shape(frame, Direction::ToServer)?;

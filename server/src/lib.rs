@@ -1,4 +1,21 @@
 //! `nbserver`: the reference server for nbagent.
+//!
+//! - [`server`]: the agent listener (TLS or legacy plaintext on one port).
+//! - [`conn`]: one agent connection: enrolment, authentication, exactly-once storage.
+//! - [`pki`]: the certificate authority, server certificate and enrolment tokens.
+//! - [`store`]: the database (SQLite embedded by default, PostgreSQL by URL).
+//! - [`blobs`]: the content-addressed blob store.
+//! - [`cli`]: the `nbserver` command line, including the `demo` main job.
+#![forbid(unsafe_code)]
+
 pub mod blobs;
+pub mod cli;
+pub mod config;
+pub mod conn;
 pub mod pki;
+pub mod server;
+pub mod state;
 pub mod store;
+
+pub use config::ServerConfig;
+pub use server::{RunningServer, start};

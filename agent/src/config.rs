@@ -1,0 +1,93 @@
+//! The agent's command line and environment.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::telemetry::LogFormat;
+use crate::workload::Workload;
+
+/// nbagent: the in-container notebook agent.
+///
+/// Connects to nbserver over mutual TLS (enrolling once with a single-use token),
+/// keeps every data message in a durable on-disk outbox until the server acknowledges
+/// it, and reconnects with backoff when the server goes away. Every flag can also be
+/// set through the environment variable named in its help, as an orchestrator would.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "nbagent", version, about, long_about)]
+pub struct AgentArgs {
+    /// Server address for agents, HOST:PORT.
+    #[arg(long, env = "NBAGENT_SERVER", default_value = "127.0.0.1:7443")]
+    pub server: String,
+
+    /// Name expected in the server's certificate [default: the host part of --server].
+    #[arg(long, env = "NBAGENT_SERVER_NAME")]
+    pub server_name: Option<String>,
+
+    /// Directory for the agent's key, certificates and outbox (kept private: 0700).
+    #[arg(long, env = "NBAGENT_STATE_DIR", default_value = "/var/lib/nbagent")]
+    pub state_dir: PathBuf,
+
+    /// Single-use enrolment token (needed only until the agent is enrolled).
+    #[arg(long, env = "NBAGENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// File holding the enrolment token; re-read at every attempt, so a fresh token can
+    /// be handed to a running agent (after the server's secrets were reset).
+    #[arg(long, env = "NBAGENT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// PEM file of the server's certificate authority (re-read at every connection).
+    #[arg(long, env = "NBAGENT_SERVER_CA")]
+    pub server_ca: Option<PathBuf>,
+
+    /// SHA-256 (hex) of the server's CA certificate, instead of --server-ca.
+    #[arg(long, env = "NBAGENT_SERVER_CA_SHA256", conflicts_with = "server_ca")]
+    pub server_ca_sha256: Option<String>,
+
+    /// Legacy plaintext mode: no TLS, the token authenticates every connection. Only
+    /// for servers with force_agent_tls off.
+    #[arg(long, env = "NBAGENT_PLAINTEXT")]
+    pub plaintext: bool,
+
+    /// Largest outbox on disk; at the limit new output waits for acknowledgements.
+    #[arg(long, env = "NBAGENT_OUTBOX_MAX_BYTES", default_value_t = 1 << 30)]
+    pub outbox_max_bytes: u64,
+
+    /// How often the outbox is fsynced (0: after every append). Appends reach the page
+    /// cache at once, so an agent crash loses nothing either way; this bounds what a
+    /// power loss could lose.
+    #[arg(long, env = "NBAGENT_OUTBOX_FSYNC_MS", default_value_t = 100)]
+    pub outbox_fsync_ms: u64,
+
+    /// Unacknowledged bytes allowed on the wire.
+    #[arg(long, env = "NBAGENT_WINDOW_BYTES", default_value_t = 16 << 20)]
+    pub window_bytes: usize,
+
+    /// Largest delay between reconnection attempts, seconds.
+    #[arg(long, env = "NBAGENT_MAX_BACKOFF_SECS", default_value_t = 30)]
+    pub max_backoff_secs: u64,
+
+    /// Synthetic workload to stream, e.g. `outputs=1000,blobs=4,blob_bytes=256k`
+    /// (until a kernel produces real output).
+    #[arg(long, env = "NBAGENT_WORKLOAD")]
+    pub workload: Option<Workload>,
+
+    /// Exit with status 0 once the workload is sent and acknowledged.
+    #[arg(long)]
+    pub exit_when_drained: bool,
+
+    /// On SIGTERM, how long to wait for the server to acknowledge the outbox, seconds.
+    #[arg(long, env = "NBAGENT_DRAIN_SECS", default_value_t = 10)]
+    pub drain_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "NBAGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl AgentArgs {
+    /// Drain deadline on SIGTERM.
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_secs)
+    }
+}

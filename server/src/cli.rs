@@ -1,0 +1,294 @@
+//! The `nbserver` command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+use crate::config::ServerConfig;
+use crate::pki::{CertificateAuthority, Token};
+use crate::store::{NewToken, Store};
+
+/// nbserver: the reference server for nbagent.
+///
+/// Accepts agents over TLS (mutual TLS after a one-time enrolment with a token), stores
+/// everything they send exactly once (SQLite in the data directory by default, or
+/// PostgreSQL), and keeps blobs in a content-addressed store.
+#[derive(Debug, Parser)]
+#[command(name = "nbserver", version, about, long_about)]
+pub struct Cli {
+    /// Data directory: database, blobs, certificate authority.
+    #[arg(long, global = true, env = "NBSERVER_DATA_DIR", default_value = "nbserver-data")]
+    pub data_dir: PathBuf,
+
+    /// Database URL (`postgres://...` or `sqlite://...`) [default: SQLite file in the
+    /// data directory].
+    #[arg(long, global = true, env = "NBSERVER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Log format.
+    #[arg(long, global = true, env = "NBSERVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Enrolment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Replace the certificate authority (and the server certificate). Every agent
+    /// must enrol again with a new token; agents keep their kernels and outboxes while
+    /// they wait for one. Run it while the server is stopped.
+    ResetSecrets,
+    /// Print what the server has stored.
+    Show {
+        /// Number of recent messages to print per stream.
+        #[arg(long, default_value_t = 5)]
+        last: u32,
+    },
+    /// The main job: start a server, enrol a local agent with a token, stream a
+    /// workload over mutual TLS, and print what the server stored.
+    Demo(DemoArgs),
+}
+
+/// `nbserver serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address agents connect to.
+    #[arg(long, env = "NBSERVER_LISTEN", default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+    /// Refuse plaintext (legacy) agents. With `--force-agent-tls false` they are
+    /// accepted and logged as unprotected.
+    #[arg(long, env = "NBSERVER_FORCE_AGENT_TLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub force_agent_tls: bool,
+    /// Extra DNS names or IP addresses for the server certificate (localhost,
+    /// 127.0.0.1 and ::1 are always included).
+    #[arg(long = "server-name", env = "NBSERVER_NAMES", value_delimiter = ',')]
+    pub server_names: Vec<String>,
+    /// Lifetime of agent certificates, seconds.
+    #[arg(long, env = "NBSERVER_AGENT_CERT_SECS", default_value_t = 24 * 3600)]
+    pub agent_cert_secs: u64,
+    /// Heartbeat interval announced to agents, milliseconds.
+    #[arg(long, env = "NBSERVER_HEARTBEAT_MS", default_value_t = 10_000)]
+    pub heartbeat_ms: u64,
+    /// Largest frame payload accepted from agents, bytes.
+    #[arg(long, env = "NBSERVER_MAX_PAYLOAD", default_value_t = nbagent_protocol::codec::DEFAULT_MAX_PAYLOAD)]
+    pub max_payload: u32,
+}
+
+/// `nbserver token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a single-use enrolment token and print it.
+    Create {
+        /// Name the agent will have (its certificate's common name).
+        #[arg(long, default_value = "agent-1")]
+        agent: String,
+        /// Lifetime, seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+}
+
+/// `nbserver demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The nbagent binary [default: next to this executable].
+    #[arg(long, env = "NBAGENT_BIN")]
+    pub agent_bin: Option<PathBuf>,
+    /// Workload the agent streams.
+    #[arg(long, default_value = "outputs=2000,blobs=8,blob_bytes=1536k")]
+    pub workload: String,
+}
+
+/// Runs the command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(ref a) => {
+            let mut config = ServerConfig::new(cli.data_dir.clone(), a.listen);
+            config.database_url = cli.database_url.clone();
+            config.force_agent_tls = a.force_agent_tls;
+            config.server_names.extend(a.server_names.iter().cloned());
+            config.agent_cert_validity = Duration::from_secs(a.agent_cert_secs);
+            config.heartbeat = Duration::from_millis(a.heartbeat_ms.max(100));
+            config.max_payload = a.max_payload;
+            let server = crate::start(config).await.context("cannot start the server")?;
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            info!("shutting down");
+            server.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::Create { ref agent, ttl_secs }) => {
+            let store = open_store(&cli).await?;
+            let token = create_token(&store, agent, Duration::from_secs(ttl_secs)).await?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ResetSecrets => {
+            let pki = cli.data_dir.join("pki");
+            let ca = CertificateAuthority::reset(&pki).context("cannot reset the certificate authority")?;
+            println!("new certificate authority: {}", pki.join("ca.crt").display());
+            println!("sha256 fingerprint: {}", ca.fingerprint());
+            println!(
+                "every agent must now enrol again: give each a new token \
+                 (nbserver token create --agent NAME) and the new CA; \
+                 agents keep their kernels and unsent output while they wait"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { last } => {
+            let store = open_store(&cli).await?;
+            print_summary(&store, &cli.data_dir, last).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(ref a) => demo(&cli, a).await,
+    }
+}
+
+async fn open_store(cli: &Cli) -> anyhow::Result<Store> {
+    std::fs::create_dir_all(&cli.data_dir)
+        .with_context(|| format!("cannot create {}", cli.data_dir.display()))?;
+    Ok(match &cli.database_url {
+        Some(url) => Store::open(url).await?,
+        None => Store::open_in(&cli.data_dir).await?,
+    })
+}
+
+/// Creates and stores a single-use enrolment token for `agent`.
+pub async fn create_token(store: &Store, agent: &str, ttl: Duration) -> anyhow::Result<Token> {
+    let token = Token::generate();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    store
+        .insert_token(&NewToken {
+            id: token.id.clone(),
+            secret_hash: token.secret_hash(),
+            agent: agent.to_owned(),
+            created_at: now,
+            expires_at: now + ttl.as_secs() as i64,
+        })
+        .await?;
+    Ok(token)
+}
+
+/// Prints the streams, message counts, recent messages and blobs.
+pub async fn print_summary(store: &Store, data_dir: &Path, last: u32) -> anyhow::Result<()> {
+    let streams = store.streams().await?;
+    if streams.is_empty() {
+        println!("nothing stored yet in {}", data_dir.display());
+        return Ok(());
+    }
+    for s in &streams {
+        println!(
+            "agent {}  stream {}  stored up to seq {}  ({} messages)",
+            s.agent, s.stream, s.stored, s.messages
+        );
+        for (kind, n) in store.count_by_kind(&s.agent).await? {
+            println!("  {kind:<18} {n}");
+        }
+        let after = s.stored.saturating_sub(u64::from(last));
+        for m in store.messages(&s.agent, &s.stream, after, last).await? {
+            let mut h = m.header.clone();
+            if h.len() > 160 {
+                let mut cut = 157;
+                while !h.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                h.truncate(cut);
+                h.push_str("...");
+            }
+            println!("  #{:<7} {h}", m.seq);
+        }
+    }
+    Ok(())
+}
+
+async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
+    let agent_bin = match &a.agent_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("nbagent"))
+            .context("cannot locate nbagent next to nbserver")?,
+    };
+    if !agent_bin.exists() {
+        bail!(
+            "nbagent binary not found at {}: build it (cargo build) or pass --agent-bin",
+            agent_bin.display()
+        );
+    }
+    let data_dir = cli.data_dir.join("demo-server");
+    let agent_dir = cli.data_dir.join("demo-agent");
+    for d in [&data_dir, &agent_dir] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("cannot clear {}", d.display()))?;
+        }
+    }
+    let mut config = ServerConfig::new(data_dir.clone(), "127.0.0.1:0".parse()?);
+    config.database_url = cli.database_url.clone();
+    let server = crate::start(config).await.context("cannot start the server")?;
+    let token = create_token(&server.state.store, "demo-agent", Duration::from_secs(600)).await?;
+    println!("== nbserver listening on {} (data in {})", server.addr, data_dir.display());
+    println!("== enrolment token created for agent 'demo-agent' (single use, 10 min)");
+    println!("== starting nbagent: enrol, mutual TLS, stream workload {}", a.workload);
+    let started = std::time::Instant::now();
+    let status = tokio::process::Command::new(&agent_bin)
+        .arg("--server")
+        .arg(server.addr.to_string())
+        .arg("--state-dir")
+        .arg(&agent_dir)
+        .arg("--server-ca")
+        .arg(data_dir.join("pki").join("ca.crt"))
+        .arg("--workload")
+        .arg(&a.workload)
+        .arg("--exit-when-drained")
+        .env("NBAGENT_TOKEN", token.to_string())
+        .status()
+        .await
+        .with_context(|| format!("cannot run {}", agent_bin.display()))?;
+    let elapsed = started.elapsed();
+    if !status.success() {
+        bail!("nbagent failed: {status}");
+    }
+    println!("== agent finished in {:.2}s; the server stored:", elapsed.as_secs_f64());
+    print_summary(&server.state.store, &data_dir, 3).await?;
+    let blobs = server.state.store.blob_count().await?;
+    println!("== blobs verified and stored: {blobs} (in {})", data_dir.join("blobs").display());
+    server.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Installs the log subscriber (stderr; level from `RUST_LOG`, default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    let _ = if format == LogFormat::Json {
+        fmt.json().try_init()
+    } else {
+        fmt.try_init()
+    };
+}

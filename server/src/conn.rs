@@ -1,0 +1,568 @@
+//! One agent connection: handshake, enrolment, and the exactly-once data path.
+//!
+//! The loop reads whatever frames one socket read delivers, stores the new sequenced
+//! messages of that batch in one database transaction (blob chunks first, to the blob
+//! store), and then acknowledges the highest stored sequence number. A crash anywhere
+//! before the commit loses nothing: the agent still holds the messages and resends.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nbagent_protocol::io::{FrameReader, IoError, write_frame};
+use nbagent_protocol::{
+    ErrorCode, Frame, Limits, Message, RawFrame, Receipt, ServerEvent, ServerSession,
+    SessionError, SUPPORTED,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use crate::blobs::ChunkOutcome;
+use crate::pki::Token;
+use crate::state::ServerState;
+use crate::store::{NewMessage, TokenError};
+
+/// How the peer reached us.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Remote address, for logs.
+    pub addr: String,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The agent name from a verified client certificate.
+    pub cert_agent: Option<String>,
+}
+
+/// Largest number of frames handled in one batch (one transaction).
+const MAX_BATCH: usize = 2048;
+
+/// Why a connection ended, for the log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnError {
+    /// Transport or framing failure.
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// We refused the peer (the peer was told why).
+    #[error("refused: {code}: {message}")]
+    Refused {
+        /// The code sent.
+        code: ErrorCode,
+        /// The message sent.
+        message: String,
+    },
+    /// Storage failed; the agent keeps its messages and will resend.
+    #[error("storage failed")]
+    Store(#[from] crate::store::StoreError),
+    /// The agent was silent too long.
+    #[error("no frame from the agent for {0:?}")]
+    Timeout(Duration),
+    /// A newer connection of the same agent replaced this one.
+    #[error("replaced by a newer connection of the same agent")]
+    Replaced,
+}
+
+/// Serves one connection until it ends.
+pub async fn serve<S>(io: S, peer: Peer, state: Arc<ServerState>) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (rd, mut wr) = tokio::io::split(io);
+    let limits = Limits {
+        max_payload: state.config.max_payload,
+        ..Limits::default()
+    };
+    let mut reader = FrameReader::new(rd, limits);
+    let mut session = ServerSession::new(SUPPORTED);
+
+    // The first frame decides: enrolment or data session.
+    let first = match tokio::time::timeout(state.config.handshake_timeout, reader.read_frame()).await
+    {
+        Err(_) => return Err(ConnError::Timeout(state.config.handshake_timeout)),
+        Ok(Err(e)) => return Err(refuse_io(&mut wr, e).await),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(f))) => f,
+    };
+    let frame = match first.parse() {
+        Ok(f) => f,
+        Err(e) => return Err(refuse(&mut wr, ErrorCode::MalformedFrame, e.to_string()).await),
+    };
+    let event = match session.on_frame(&frame) {
+        Ok(ev) => ev,
+        Err(e) => return Err(refuse(&mut wr, e.code(), e.to_string()).await),
+    };
+    match (event, frame.envelope.msg) {
+        (
+            ServerEvent::Enroll { version },
+            Message::Enroll {
+                token, csr_pem, software, ..
+            },
+        ) => enroll(&mut wr, &peer, &state, version, &token, &csr_pem, &software).await,
+        (
+            ServerEvent::Hello { version },
+            Message::Hello {
+                stream,
+                software,
+                token,
+                ..
+            },
+        ) => {
+            let agent = authenticate(&mut wr, &peer, &state, token.as_deref()).await?;
+            data_session(
+                reader, wr, session, &peer, &state, version, agent, stream, software,
+            )
+            .await
+        }
+        _ => Err(refuse(&mut wr, ErrorCode::UnexpectedMessage, "expected hello or enroll".into()).await),
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, msg: Message) -> Result<(), ConnError> {
+    write_frame(wr, &Frame::control(msg)).await?;
+    wr.flush().await.map_err(IoError::from)?;
+    Ok(())
+}
+
+/// Sends a fatal error frame and returns the matching error. Write failures are
+/// ignored: the peer may already be gone, and the refusal is logged either way.
+async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, code: ErrorCode, message: String) -> ConnError {
+    let _ = send(
+        wr,
+        Message::Error {
+            code,
+            message: message.clone(),
+            fatal: true,
+        },
+    )
+    .await;
+    let _ = wr.shutdown().await;
+    ConnError::Refused { code, message }
+}
+
+async fn refuse_io<W: AsyncWrite + Unpin>(wr: &mut W, e: IoError) -> ConnError {
+    match &e {
+        IoError::Frame(fe) => {
+            let code = match fe {
+                nbagent_protocol::FrameError::HeaderTooLarge { .. }
+                | nbagent_protocol::FrameError::PayloadTooLarge { .. } => ErrorCode::FrameTooLarge,
+                _ => ErrorCode::MalformedFrame,
+            };
+            refuse(wr, code, fe.to_string()).await
+        }
+        IoError::Io(_) => ConnError::Io(e),
+        _ => ConnError::Io(e),
+    }
+}
+
+fn now_secs() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+async fn enroll<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    peer: &Peer,
+    state: &ServerState,
+    version: u16,
+    token: &str,
+    csr_pem: &str,
+    software: &str,
+) -> Result<(), ConnError> {
+    if !peer.tls {
+        return Err(refuse(
+            wr,
+            ErrorCode::PlaintextRefused,
+            "enrolment needs TLS: the token and certificate would travel in the clear; \
+             connect with TLS (the agent's default)"
+                .into(),
+        )
+        .await);
+    }
+    let token = match Token::parse(token) {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(refuse(wr, ErrorCode::TokenUnknown, format!("enrolment token is malformed: {e}")).await);
+        }
+    };
+    let grant = match state
+        .store
+        .consume_token(&token.id, &token.secret_hash(), now_secs(), &peer.addr)
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            let (code, message) = token_refusal(&e);
+            warn!(peer = %peer.addr, token = %token.id, %code, "enrolment refused");
+            return Err(refuse(wr, code, message).await);
+        }
+    };
+    let issued = {
+        let ca = state.ca.read().await;
+        ca.sign_agent_csr(
+            csr_pem,
+            &grant.agent,
+            state.config.agent_cert_validity,
+            time::OffsetDateTime::now_utc(),
+        )
+    };
+    let issued = match issued {
+        Ok(i) => i,
+        Err(e) => return Err(refuse(wr, ErrorCode::BadCsr, format!("certificate request refused: {e}")).await),
+    };
+    state
+        .store
+        .record_agent_cert(&grant.agent, &issued.serial, issued.not_after, now_secs())
+        .await?;
+    let ca_pem = state.ca.read().await.cert_pem().to_owned();
+    info!(agent = %grant.agent, peer = %peer.addr, %software, not_after = issued.not_after, "agent enrolled");
+    send(
+        wr,
+        Message::Enrolled {
+            version,
+            agent: grant.agent,
+            certificate_pem: issued.cert_pem,
+            ca_pem,
+            not_after: issued.not_after,
+        },
+    )
+    .await?;
+    let _ = wr.shutdown().await;
+    Ok(())
+}
+
+fn token_refusal(e: &TokenError) -> (ErrorCode, String) {
+    match e {
+        TokenError::Unknown => (
+            ErrorCode::TokenUnknown,
+            "enrolment token is not known to this server: create one with `nbserver token create`".into(),
+        ),
+        TokenError::Expired { expired_at } => (
+            ErrorCode::TokenExpired,
+            format!("enrolment token expired at {expired_at} (unix time): create a new one with `nbserver token create`"),
+        ),
+        TokenError::AlreadyUsed { used_at, used_by } => (
+            ErrorCode::TokenUsed,
+            format!(
+                "enrolment token was already used at {used_at} (unix time) by {used_by}: tokens are single-use; \
+                 create a new one with `nbserver token create`"
+            ),
+        ),
+        other => (ErrorCode::Internal, format!("token check failed: {other}")),
+    }
+}
+
+/// Who is this? A verified client certificate, or (plaintext legacy mode) a token.
+async fn authenticate<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    peer: &Peer,
+    state: &ServerState,
+    token: Option<&str>,
+) -> Result<String, ConnError> {
+    if peer.tls {
+        return match &peer.cert_agent {
+            Some(name) => Ok(name.clone()),
+            None => Err(refuse(
+                wr,
+                ErrorCode::Unauthenticated,
+                "no client certificate: enrol first with a token (nbagent --token ...)".into(),
+            )
+            .await),
+        };
+    }
+    if state.config.force_agent_tls {
+        warn!(peer = %peer.addr, "plaintext agent refused: force_agent_tls is on");
+        return Err(refuse(
+            wr,
+            ErrorCode::PlaintextRefused,
+            "this server requires TLS from agents (force_agent_tls is on): upgrade the agent or \
+             start it without --plaintext"
+                .into(),
+        )
+        .await);
+    }
+    let Some(token) = token else {
+        return Err(refuse(
+            wr,
+            ErrorCode::Unauthenticated,
+            "plaintext agents must present their token in hello".into(),
+        )
+        .await);
+    };
+    let token = match Token::parse(token) {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(refuse(wr, ErrorCode::TokenUnknown, format!("token is malformed: {e}")).await);
+        }
+    };
+    // Legacy agents present their token on every connection. The first use binds it to
+    // plaintext; later plaintext uses of the same token are accepted until it expires.
+    let agent = match state
+        .store
+        .consume_token(&token.id, &token.secret_hash(), now_secs(), PLAINTEXT_USER)
+        .await
+    {
+        Ok(g) => g.agent,
+        Err(TokenError::AlreadyUsed { used_by, .. }) if used_by == PLAINTEXT_USER => state
+            .store
+            .token_agent(&token.id, &token.secret_hash(), now_secs())
+            .await
+            .map_err(|e| ConnError::Refused {
+                code: token_refusal(&e).0,
+                message: token_refusal(&e).1,
+            })?,
+        Err(e) => {
+            let (code, message) = token_refusal(&e);
+            return Err(refuse(wr, code, message).await);
+        }
+    };
+    warn!(peer = %peer.addr, %agent, "plaintext agent accepted (force_agent_tls is off): its traffic and token are not protected");
+    Ok(agent)
+}
+
+/// `used_by` marker of tokens used by plaintext (legacy) agents.
+const PLAINTEXT_USER: &str = "plaintext";
+
+#[allow(clippy::too_many_arguments)]
+async fn data_session<R, W>(
+    mut reader: FrameReader<R>,
+    mut wr: W,
+    mut session: ServerSession,
+    peer: &Peer,
+    state: &Arc<ServerState>,
+    version: u16,
+    agent: String,
+    stream: String,
+    software: String,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let stored = state.store.stream_stored(&agent, &stream).await?;
+    state.store.touch_agent(&agent, now_secs()).await?;
+    session.established(version, stored);
+    let replaced = state.sessions.register(&agent);
+    send(
+        &mut wr,
+        Message::Welcome {
+            version,
+            agent: agent.clone(),
+            acked: stored,
+            heartbeat_ms: state.config.heartbeat.as_millis() as u64,
+            max_payload: state.config.max_payload,
+            tls: peer.tls,
+        },
+    )
+    .await?;
+    info!(%agent, %stream, stored, tls = peer.tls, %software, peer = %peer.addr, "agent session established");
+
+    let heartbeat = state.config.heartbeat;
+    let silence = heartbeat * 3;
+    let mut last_rx = Instant::now();
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut frames: Vec<RawFrame> = Vec::with_capacity(MAX_BATCH);
+    let mut acked_sent = stored;
+    loop {
+        frames.clear();
+        tokio::select! {
+            r = reader.read_batch(&mut frames, MAX_BATCH) => {
+                match r {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        info!(%agent, "agent closed the connection");
+                        return Ok(());
+                    }
+                    Err(e) => return Err(refuse_io(&mut wr, e).await),
+                }
+            }
+            _ = tick.tick() => {
+                if last_rx.elapsed() > silence {
+                    let _ = refuse(&mut wr, ErrorCode::HeartbeatTimeout, format!("nothing received for {silence:?}")).await;
+                    return Err(ConnError::Timeout(silence));
+                }
+                send(&mut wr, Message::Heartbeat { sent_ms: now_ms() as u64 }).await?;
+                continue;
+            }
+            _ = replaced.notified() => {
+                let _ = send(&mut wr, Message::Goodbye { reason: "replaced by a newer connection of this agent".into() }).await;
+                return Err(ConnError::Replaced);
+            }
+        }
+        last_rx = Instant::now();
+        let mut batch: Vec<NewMessage> = Vec::new();
+        let mut goodbye = false;
+        let mut duplicates = false;
+        for raw in &frames {
+            let frame = match raw.parse() {
+                Ok(f) => f,
+                Err(e) => return Err(refuse(&mut wr, ErrorCode::MalformedFrame, e.to_string()).await),
+            };
+            let event = match session.on_frame(&frame) {
+                Ok(ev) => ev,
+                Err(SessionError::Peer { code, message }) => {
+                    warn!(%agent, %code, %message, "agent reported an error");
+                    continue;
+                }
+                Err(e) => return Err(refuse(&mut wr, e.code(), e.to_string()).await),
+            };
+            match event {
+                ServerEvent::Data { seq, receipt: Receipt::New } => {
+                    let payload_hash = store_payload(state, &agent, &frame, &mut wr).await?;
+                    let header = match std::str::from_utf8(&raw.header) {
+                        Ok(s) => s.to_owned(),
+                        Err(_) => {
+                            return Err(refuse(&mut wr, ErrorCode::MalformedFrame, "header is not UTF-8".into()).await);
+                        }
+                    };
+                    batch.push(NewMessage {
+                        seq,
+                        kind: frame.envelope.msg.kind().to_owned(),
+                        header,
+                        payload_hash,
+                        received_at: now_ms(),
+                    });
+                    session.commit(seq);
+                }
+                ServerEvent::Data { receipt: Receipt::Duplicate, seq } => {
+                    debug!(%agent, seq, "duplicate dropped");
+                    duplicates = true;
+                }
+                ServerEvent::Control => {
+                    control(&mut wr, state, &agent, frame.envelope.msg).await?;
+                }
+                ServerEvent::Goodbye => goodbye = true,
+                ServerEvent::Enroll { .. } | ServerEvent::Hello { .. } => {
+                    return Err(refuse(&mut wr, ErrorCode::UnexpectedMessage, "second handshake in one session".into()).await);
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let stored = match state.store.append(&agent, &stream, &batch).await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Nothing of this batch is acknowledged: the agent resends it.
+                    let _ = refuse(&mut wr, ErrorCode::Internal, "storage failed; retry later".into()).await;
+                    return Err(e.into());
+                }
+            };
+            session.resync(stored);
+        }
+        // Ack new messages, and re-ack resent duplicates so the agent can release them.
+        if session.stored() != acked_sent || duplicates {
+            acked_sent = session.stored();
+            send(&mut wr, Message::Ack { upto: acked_sent }).await?;
+        }
+        if goodbye {
+            info!(%agent, stored = session.stored(), "agent said goodbye");
+            let _ = wr.shutdown().await;
+            return Ok(());
+        }
+    }
+}
+
+/// Writes a blob chunk's payload to the blob store; returns the blob hash to record.
+async fn store_payload<W: AsyncWrite + Unpin>(
+    state: &Arc<ServerState>,
+    agent: &str,
+    frame: &Frame,
+    wr: &mut W,
+) -> Result<Option<String>, ConnError> {
+    let Message::BlobChunk {
+        hash,
+        media_type,
+        offset,
+        total,
+    } = &frame.envelope.msg
+    else {
+        return Ok(None);
+    };
+    let blobs = state.blobs.clone();
+    let (uploader, h, payload) = (agent.to_owned(), hash.clone(), frame.payload.clone());
+    let (offset, total) = (*offset, *total);
+    let outcome = tokio::task::spawn_blocking(move || blobs.write_chunk(&uploader, &h, offset, total, &payload))
+        .await
+        .map_err(|e| ConnError::Io(IoError::Io(std::io::Error::other(e))))?;
+    match outcome {
+        Ok(ChunkOutcome::Complete { size }) => {
+            state.store.record_blob(hash, size, media_type, now_secs()).await?;
+            debug!(%agent, %hash, size, "blob stored");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            // The agent computed the hash; a mismatch is corruption or a bug. Keep the
+            // message (nothing is dropped) and tell the agent.
+            warn!(%agent, %hash, error = %e, "blob chunk refused");
+            send(
+                wr,
+                Message::Error {
+                    code: ErrorCode::BlobMismatch,
+                    message: format!("blob {hash}: {e}"),
+                    fatal: false,
+                },
+            )
+            .await?;
+        }
+    }
+    Ok(Some(hash.clone()))
+}
+
+async fn control<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    state: &Arc<ServerState>,
+    agent: &str,
+    msg: Message,
+) -> Result<(), ConnError> {
+    match msg {
+        Message::Heartbeat { .. } | Message::Ack { .. } => Ok(()),
+        Message::BlobQuery { request, hashes } => {
+            let present = hashes
+                .into_iter()
+                .filter(|h| state.blobs.has(h))
+                .collect();
+            send(wr, Message::BlobStatus { request, present }).await
+        }
+        Message::RenewCertificate { csr_pem } => {
+            let issued = state.ca.read().await.sign_agent_csr(
+                &csr_pem,
+                agent,
+                state.config.agent_cert_validity,
+                time::OffsetDateTime::now_utc(),
+            );
+            match issued {
+                Ok(i) => {
+                    state
+                        .store
+                        .record_agent_cert(agent, &i.serial, i.not_after, now_secs())
+                        .await?;
+                    info!(%agent, not_after = i.not_after, "agent certificate renewed");
+                    send(
+                        wr,
+                        Message::CertificateRenewed {
+                            certificate_pem: i.cert_pem,
+                            not_after: i.not_after,
+                        },
+                    )
+                    .await
+                }
+                Err(e) => {
+                    send(
+                        wr,
+                        Message::Error {
+                            code: ErrorCode::BadCsr,
+                            message: format!("renewal refused: {e}"),
+                            fatal: false,
+                        },
+                    )
+                    .await
+                }
+            }
+        }
+        other => {
+            debug!(%agent, kind = other.kind(), "control message not handled yet");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! State shared by every connection of a running server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, RwLock};
+
+use crate::blobs::BlobStore;
+use crate::config::ServerConfig;
+use crate::pki::CertificateAuthority;
+use crate::store::Store;
+
+/// Shared server state.
+#[derive(Debug)]
+pub struct ServerState {
+    /// Configuration.
+    pub config: ServerConfig,
+    /// Database.
+    pub store: Store,
+    /// Blob store.
+    pub blobs: Arc<BlobStore>,
+    /// Certificate authority (replaced by a secrets reset).
+    pub ca: RwLock<CertificateAuthority>,
+    /// Live data sessions, one per agent.
+    pub sessions: SessionRegistry,
+}
+
+/// At most one live data session per agent: a new connection of the same agent
+/// (a reconnect after a network failure, a restarted agent) replaces the old one.
+#[derive(Debug, Default)]
+pub struct SessionRegistry {
+    live: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl SessionRegistry {
+    /// Registers a new session of `agent` and tells its predecessor, if any, to close.
+    /// Returns the notifier the new session must watch.
+    pub fn register(&self, agent: &str) -> Arc<Notify> {
+        let fresh = Arc::new(Notify::new());
+        let old = match self.live.lock() {
+            Ok(mut m) => m.insert(agent.to_owned(), fresh.clone()),
+            Err(poisoned) => poisoned.into_inner().insert(agent.to_owned(), fresh.clone()),
+        };
+        if let Some(old) = old {
+            old.notify_one();
+        }
+        fresh
+    }
+
+    /// Number of agents with a live session.
+    pub fn len(&self) -> usize {
+        match self.live.lock() {
+            Ok(m) => m.len(),
+            Err(p) => p.into_inner().len(),
+        }
+    }
+
+    /// Whether no agent has a session.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
