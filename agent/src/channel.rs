@@ -189,13 +189,13 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut attempt: u32 = 0;
-    let mut refused_tokens: Vec<String> = Vec::new();
+    let mut attempts = Attempts::default();
     loop {
         if *shutdown.borrow() {
             return;
         }
         let r = tokio::select! {
-            r = session(&config, &shared, &commands, &status, &mut refused_tokens, shutdown.clone()) => r,
+            r = session(&config, &shared, &commands, &status, &mut attempts, shutdown.clone()) => r,
             _ = shutdown.changed() => return,
         };
         let _ = status.send(ChannelStatus::Disconnected);
@@ -317,7 +317,7 @@ async fn read_one<R: AsyncRead + Unpin>(
 }
 
 /// Trades a token for a client certificate and stores the new identity.
-async fn enroll(config: &ChannelConfig, token: &str) -> Result<Identity, ChannelError> {
+pub async fn enroll(config: &ChannelConfig, token: &str) -> Result<Identity, ChannelError> {
     let trust = config.trust.as_ref().ok_or_else(|| {
         ChannelError::Config(
             "no way to verify the server: pass --server-ca FILE or --server-ca-sha256 HEX".into(),
@@ -349,7 +349,7 @@ async fn enroll(config: &ChannelConfig, token: &str) -> Result<Identity, Channel
             not_after,
             ..
         } => {
-            let id = Identity::store(&config.identity_dir, &key, &certificate_pem, &ca_pem)?;
+            let id = Identity::store(&config.identity_dir, key.as_str(), &certificate_pem, &ca_pem)?;
             info!(%agent, not_after, "enrolled with the server");
             Ok(id)
         }
@@ -360,62 +360,88 @@ async fn enroll(config: &ChannelConfig, token: &str) -> Result<Identity, Channel
     }
 }
 
+/// Per-channel memory across attempts.
+#[derive(Debug, Default)]
+struct Attempts {
+    /// Tokens the server refused: not tried again.
+    refused_tokens: Vec<String>,
+    /// The stored certificate was refused: enrol again before the next session.
+    must_enrol: bool,
+}
+
 /// Gets credentials: the stored identity, or a fresh enrolment.
 async fn credentials(
     config: &ChannelConfig,
-    refused_tokens: &mut Vec<String>,
-    force_enroll: bool,
+    attempts: &mut Attempts,
+    allow_enrol: bool,
 ) -> Result<Identity, ChannelError> {
-    if !force_enroll && let Some(id) = Identity::load(&config.identity_dir)? {
+    if !attempts.must_enrol
+        && let Some(id) = Identity::load(&config.identity_dir)?
+    {
         return Ok(id);
     }
+    if !allow_enrol {
+        return Err(ChannelError::NoToken);
+    }
     let token = config.token.current().ok_or(ChannelError::NoToken)?;
-    if refused_tokens.contains(&token) {
+    if attempts.refused_tokens.contains(&token) {
         return Err(ChannelError::NoToken);
     }
     match enroll(config, &token).await {
-        Ok(id) => Ok(id),
+        Ok(id) => {
+            attempts.must_enrol = false;
+            Ok(id)
+        }
         Err(e) => {
             if matches!(
                 e.refused_code(),
                 Some(ErrorCode::TokenUnknown | ErrorCode::TokenExpired | ErrorCode::TokenUsed)
             ) {
                 error!(error = %e, "enrolment token refused; waiting for a new one");
-                refused_tokens.push(token);
+                attempts.refused_tokens.push(token);
             }
             Err(e)
         }
     }
 }
 
-async fn session(
+type Reader = FrameReader<tokio::io::ReadHalf<Box<dyn Io>>>;
+type Writer = tokio::io::WriteHalf<Box<dyn Io>>;
+
+/// An established data session.
+struct Connected {
+    reader: Reader,
+    wr: Writer,
+    proto: AgentSession,
+    agent: String,
+    heartbeat: Duration,
+    acked: u64,
+    identity: Option<Identity>,
+    tls: bool,
+}
+
+/// Connects, authenticates and exchanges hello/welcome.
+async fn connect(
     config: &ChannelConfig,
-    shared: &Arc<Shared>,
-    commands: &mpsc::Sender<Frame>,
-    status: &watch::Sender<ChannelStatus>,
-    refused_tokens: &mut Vec<String>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<SessionEnd, ChannelError> {
+    stream: String,
+    window: nbagent_protocol::SendWindow,
+    attempts: &mut Attempts,
+    allow_enrol: bool,
+) -> Result<Connected, ChannelError> {
     let (io, identity, tls): (Box<dyn Io>, Option<Identity>, bool) = if config.plaintext {
         warn!(server = %config.server, "connecting in plaintext (legacy mode): traffic and token are not protected");
         (Box::new(tcp_connect(config).await?), None, false)
     } else {
-        let mut id = credentials(config, refused_tokens, false).await?;
-        let trust = data_trust(config, &id);
-        let io = match tls_connect(config, &trust, Some(&id)).await {
-            Ok(io) => io,
+        let id = credentials(config, attempts, allow_enrol).await?;
+        match tls_connect(config, &data_trust(config, &id), Some(&id)).await {
+            Ok(io) => (io, Some(id), true),
             Err(ChannelError::Tls(r)) if r.needs_enrolment() => {
-                warn!(reason = %r, "credentials no longer accepted; enrolling again (the kernel and outbox are kept)");
-                id = credentials(config, refused_tokens, true).await?;
-                tls_connect(config, &data_trust(config, &id), Some(&id)).await?
+                warn!(reason = %r, "credentials no longer accepted; will enrol again (the kernel and outbox are kept)");
+                attempts.must_enrol = true;
+                return Err(ChannelError::Tls(r));
             }
             Err(e) => return Err(e),
-        };
-        (io, Some(id), true)
-    };
-    let (stream, window) = {
-        let ob = shared.outbox();
-        (ob.stream_id().to_owned(), ob.window())
+        }
     };
     let (rd, mut wr) = tokio::io::split(io);
     let mut reader = FrameReader::new(rd, Limits::default());
@@ -438,15 +464,15 @@ async fn session(
     let mut proto = AgentSession::new(SUPPORTED, window);
     let welcome = match read_one(&mut reader, config.connect_timeout).await {
         Err(ChannelError::Tls(r)) if r.needs_enrolment() && identity.is_some() => {
-            // Refused after the handshake (TLS 1.3 reports client-certificate refusals
-            // on the first read): enrol again on the next attempt.
-            warn!(reason = %r, "client certificate refused; will enrol again");
-            let _ = std::fs::remove_file(config.identity_dir.join("cert.pem"));
+            // TLS 1.3 reports a refused client certificate on the first read.
+            warn!(reason = %r, "client certificate refused; will enrol again (the kernel and outbox are kept)");
+            attempts.must_enrol = true;
             return Err(ChannelError::Tls(r));
         }
         r => r?,
     };
-    let (agent, heartbeat, acked) = match (proto.on_frame(&welcome)?, &welcome.envelope.msg) {
+    let event = proto.on_frame(&welcome)?;
+    match (event, welcome.envelope.msg) {
         (
             AgentEvent::Welcome { acked, .. },
             Message::Welcome {
@@ -454,28 +480,72 @@ async fn session(
                 heartbeat_ms,
                 ..
             },
-        ) => (
-            agent.clone(),
-            Duration::from_millis((*heartbeat_ms).clamp(100, 600_000)),
+        ) => Ok(Connected {
+            reader,
+            wr,
+            proto,
+            agent,
+            heartbeat: Duration::from_millis(heartbeat_ms.clamp(100, 600_000)),
             acked,
-        ),
-        _ => {
-            return Err(ChannelError::Protocol(SessionError::Unexpected {
-                kind: welcome.envelope.msg.kind(),
-                state: "awaiting welcome",
-            }));
-        }
-    };
-    shared.ack(acked)?;
-    info!(%agent, tls, acked, pending = shared.outbox().pending_count(), "session established");
-    let _ = status.send(ChannelStatus::Connected {
-        agent: agent.clone(),
-        tls,
-    });
-    if let Some(id) = &identity {
-        maybe_renew(config, id, &mut wr).await?;
+            identity,
+            tls,
+        }),
+        (_, other) => Err(ChannelError::Protocol(SessionError::Unexpected {
+            kind: other.kind(),
+            state: "awaiting welcome",
+        })),
     }
-    pump(config, shared, commands, reader, wr, proto, heartbeat, acked, shutdown).await
+}
+
+/// Opens a data session with the stored credentials (never enrols), says goodbye, and
+/// returns the agent name the server gave. For diagnostics and tests.
+pub async fn probe(config: &ChannelConfig, stream: &str) -> Result<String, ChannelError> {
+    let mut attempts = Attempts::default();
+    let mut c = connect(
+        config,
+        stream.to_owned(),
+        nbagent_protocol::SendWindow::default(),
+        &mut attempts,
+        false,
+    )
+    .await?;
+    write_frame(
+        &mut c.wr,
+        &Frame::control(Message::Goodbye {
+            reason: "probe".into(),
+        }),
+    )
+    .await?;
+    let _ = c.wr.shutdown().await;
+    Ok(c.agent)
+}
+
+async fn session(
+    config: &ChannelConfig,
+    shared: &Arc<Shared>,
+    commands: &mpsc::Sender<Frame>,
+    status: &watch::Sender<ChannelStatus>,
+    attempts: &mut Attempts,
+    shutdown: watch::Receiver<bool>,
+) -> Result<SessionEnd, ChannelError> {
+    let (stream, window) = {
+        let ob = shared.outbox();
+        (ob.stream_id().to_owned(), ob.window())
+    };
+    let mut c = connect(config, stream, window, attempts, true).await?;
+    shared.ack(c.acked)?;
+    info!(agent = %c.agent, tls = c.tls, acked = c.acked, pending = shared.outbox().pending_count(), "session established");
+    let _ = status.send(ChannelStatus::Connected {
+        agent: c.agent.clone(),
+        tls: c.tls,
+    });
+    if let Some(id) = &c.identity {
+        maybe_renew(id, &mut c.wr).await?;
+    }
+    pump(
+        config, shared, commands, c.reader, c.wr, c.proto, c.heartbeat, c.acked, shutdown,
+    )
+    .await
 }
 
 fn data_trust(config: &ChannelConfig, id: &Identity) -> ServerTrust {
@@ -486,7 +556,6 @@ fn data_trust(config: &ChannelConfig, id: &Identity) -> ServerTrust {
 }
 
 async fn maybe_renew<W: AsyncWrite + Unpin>(
-    _config: &ChannelConfig,
     id: &Identity,
     wr: &mut W,
 ) -> Result<(), ChannelError> {
