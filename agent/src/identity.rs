@@ -393,6 +393,14 @@ fn roots_from_pem(pem: &str, origin: &str) -> Result<RootCertStore, IdentityErro
     Ok(roots)
 }
 
+/// Lower-case hex SHA-256 of a CA certificate's DER encoding, from its PEM: the same
+/// fingerprint the server prints and [`ServerTrust::Fingerprint`] pins. Use it to check
+/// that the `ca_pem` received at enrolment is the pinned CA before storing it.
+pub fn ca_fingerprint(ca_pem: &str) -> Result<String, IdentityError> {
+    let der = parse_cert(ca_pem, "the CA certificate")?;
+    Ok(hex::encode(Sha256::digest(der.as_ref())))
+}
+
 /// The pinned CA was not in the server's chain.
 #[derive(Debug, thiserror::Error)]
 #[error("the server's chain holds no CA certificate with the pinned fingerprint")]
@@ -533,7 +541,9 @@ impl fmt::Display for TlsRefusal {
 ///
 /// With TLS 1.3 the client finishes its handshake before the server has checked the
 /// client certificate, so a refusal of our certificate arrives as an alert on the first
-/// read after the handshake; pass that error here too.
+/// read after the handshake; pass that error here too. If instead a *write* right after
+/// the handshake fails (the server may already have closed the connection), read once
+/// more and classify the read's error: the alert is usually still in the receive buffer.
 pub fn describe_tls_error(err: &io::Error) -> TlsRefusal {
     let Some(tls) = err
         .get_ref()
@@ -648,6 +658,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateSigningRequestParams, IsCa, Issuer};

@@ -102,6 +102,15 @@ pub enum PkiError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The in-memory server certificate or key given to [`server_config`] is not valid PEM.
+    #[error("the server {what} is not valid PEM")]
+    BadPem {
+        /// The certificate or the key.
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
     /// A stored certificate does not belong to the stored key.
     #[error("certificate {path} does not match its private key")]
     KeyMismatch {
@@ -556,18 +565,17 @@ pub fn server_config(
         .as_deref()
         .ok_or(PkiError::MissingServerKey)?;
     let key =
-        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| PkiError::BadStoredFile {
-            path: PathBuf::from(SERVER_KEY_FILE),
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| PkiError::BadPem {
             what: "private key",
-            source: Some(Box::new(e)),
+            source,
         })?;
-    let leaf = CertificateDer::from_pem_slice(server_cert.cert_pem.as_bytes()).map_err(|e| {
-        PkiError::BadStoredFile {
-            path: PathBuf::from(SERVER_CERT_FILE),
-            what: "certificate",
-            source: Some(Box::new(e)),
-        }
-    })?;
+    let leaf =
+        CertificateDer::from_pem_slice(server_cert.cert_pem.as_bytes()).map_err(|source| {
+            PkiError::BadPem {
+                what: "certificate",
+                source,
+            }
+        })?;
     let mut roots = RootCertStore::empty();
     roots
         .add(ca.cert_der.clone())
@@ -847,6 +855,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
@@ -1114,7 +1123,7 @@ mod tests {
         let cases = [
             String::new(),
             "nbt1".to_owned(),
-            format!("nbt1.0123456789ab"),
+            "nbt1.0123456789ab".to_owned(),
             format!("nbt2.0123456789ab.{secret}"),
             format!("nbt1.0123456789AB.{secret}"),
             format!("nbt1.0123456789a.{secret}"),
