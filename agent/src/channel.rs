@@ -291,7 +291,7 @@ fn classify_first_read(e: IoError) -> ChannelError {
     match e {
         IoError::Io(io) => {
             let refusal = identity::describe_tls_error(&io);
-            if matches!(refusal, TlsRefusal::Other(_)) {
+            if refusal == TlsRefusal::Other {
                 ChannelError::Io(IoError::Io(io))
             } else {
                 ChannelError::Tls(refusal)

@@ -149,18 +149,22 @@ pub fn generate_key_and_csr() -> Result<(KeyPairPem, String), IdentityError> {
             source,
         }
     })?;
+    let csr = csr_for(&key)?;
+    Ok((KeyPairPem(key.serialize_pem()), csr))
+}
+
+fn csr_for(key: &KeyPair) -> Result<String, IdentityError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "nbagent");
     params.distinguished_name = dn;
-    let csr = params
-        .serialize_request(&key)
+    params
+        .serialize_request(key)
         .and_then(|csr| csr.pem())
         .map_err(|source| IdentityError::Generate {
             what: "certificate signing request",
             source,
-        })?;
-    Ok((KeyPairPem(key.serialize_pem()), csr))
+        })
 }
 
 /// The agent's credentials: its key pair, its client certificate and the server's CA.
@@ -290,6 +294,24 @@ impl Identity {
     /// Start of the client certificate's validity, Unix seconds.
     pub fn not_before(&self) -> i64 {
         self.not_before
+    }
+
+    /// A CSR for the same key, to renew the certificate before it expires.
+    pub fn renewal_csr(&self) -> Result<String, IdentityError> {
+        let key = KeyPair::from_pem(&self.key_pem).map_err(|e| IdentityError::BadPem {
+            what: "the agent's private key".into(),
+            source: Box::new(e),
+        })?;
+        csr_for(&key)
+    }
+
+    /// Stores a renewed certificate for the key already in `dir`.
+    pub fn complete_renewal(dir: &Path, cert_pem: &str) -> Result<Identity, IdentityError> {
+        let current = Self::load(dir)?.ok_or_else(|| IdentityError::Incomplete {
+            dir: dir.to_owned(),
+            missing: CERT_FILE,
+        })?;
+        Self::store(dir, &current.key_pem, cert_pem, &current.ca_pem)
     }
 
     /// The agent's name (the certificate's common name, chosen by the server).
@@ -507,6 +529,19 @@ pub enum TlsRefusal {
     ServerNameMismatch,
     /// Anything else (network errors, protocol errors).
     Other,
+}
+
+impl TlsRefusal {
+    /// Whether the stored credentials are no longer accepted and the agent must enrol
+    /// again (with a new token, and for an untrusted server, the new CA).
+    pub fn needs_enrolment(self) -> bool {
+        matches!(
+            self,
+            TlsRefusal::ClientCertExpired
+                | TlsRefusal::ClientCertUnknownCa
+                | TlsRefusal::ServerCertUntrusted
+        )
+    }
 }
 
 impl fmt::Display for TlsRefusal {
