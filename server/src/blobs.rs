@@ -305,7 +305,10 @@ impl BlobStore {
         let actual = hash_file(&file, &partial)?;
         drop(file);
         if actual != hash {
-            warn!(uploader, hash, actual, "uploaded blob does not match its hash");
+            warn!(
+                uploader,
+                hash, actual, "uploaded blob does not match its hash"
+            );
             remove_if_exists(&partial)?;
             return Err(BlobError::HashMismatch {
                 expected: hash.to_owned(),
@@ -367,6 +370,7 @@ fn hash_file(mut file: &File, path: &Path) -> Result<String, BlobError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -391,7 +395,11 @@ mod tests {
         let mut outcomes = Vec::new();
         for (i, chunk) in data.chunks(4096).enumerate() {
             let offset = (i * 4096) as u64;
-            outcomes.push(store.write_chunk("agent-1", &hash, offset, total, chunk).unwrap());
+            outcomes.push(
+                store
+                    .write_chunk("agent-1", &hash, offset, total, chunk)
+                    .unwrap(),
+            );
         }
         assert_eq!(
             outcomes,
@@ -404,14 +412,13 @@ mod tests {
         assert!(store.has(&hash).unwrap());
         assert_eq!(store.read(&hash).unwrap(), data);
         let path = store.path(&hash).unwrap();
-        assert_eq!(
-            path,
-            dir.path().join("sha256").join(&hash[..2]).join(&hash)
-        );
+        assert_eq!(path, dir.path().join("sha256").join(&hash[..2]).join(&hash));
         assert!(partials(&store).is_empty(), "partial left behind");
         // Chunks of a stored blob are accepted and ignored.
         assert_eq!(
-            store.write_chunk("agent-2", &hash, 0, total, &data[..10]).unwrap(),
+            store
+                .write_chunk("agent-2", &hash, 0, total, &data[..10])
+                .unwrap(),
             ChunkOutcome::AlreadyPresent
         );
         assert!(partials(&store).is_empty());
@@ -424,12 +431,22 @@ mod tests {
         let data = content(3000);
         let hash = sha256_hex(&data);
         let total = data.len() as u64;
-        store.write_chunk("a", &hash, 0, total, &data[..1000]).unwrap();
-        store.write_chunk("a", &hash, 1000, total, &data[1000..2000]).unwrap();
+        store
+            .write_chunk("a", &hash, 0, total, &data[..1000])
+            .unwrap();
+        store
+            .write_chunk("a", &hash, 1000, total, &data[1000..2000])
+            .unwrap();
         // Reconnect: the agent resends from the last chunk it is unsure about.
-        store.write_chunk("a", &hash, 1000, total, &data[1000..2000]).unwrap();
-        store.write_chunk("a", &hash, 0, total, &data[..1000]).unwrap();
-        let last = store.write_chunk("a", &hash, 2000, total, &data[2000..]).unwrap();
+        store
+            .write_chunk("a", &hash, 1000, total, &data[1000..2000])
+            .unwrap();
+        store
+            .write_chunk("a", &hash, 0, total, &data[..1000])
+            .unwrap();
+        let last = store
+            .write_chunk("a", &hash, 2000, total, &data[2000..])
+            .unwrap();
         assert_eq!(last, ChunkOutcome::Complete { size: total });
         assert_eq!(store.read(&hash).unwrap(), data);
     }
@@ -461,11 +478,15 @@ mod tests {
         let data = content(300);
         let hash = sha256_hex(&data);
         store.write_chunk("a", &hash, 0, 300, &data[..100]).unwrap();
-        let err = store.write_chunk("a", &hash, 200, 300, &data[200..]).unwrap_err();
+        let err = store
+            .write_chunk("a", &hash, 200, 300, &data[200..])
+            .unwrap_err();
         assert!(matches!(err, BlobError::HashMismatch { .. }), "{err:?}");
         // Starting over works.
         store.write_chunk("a", &hash, 0, 300, &data[..150]).unwrap();
-        let done = store.write_chunk("a", &hash, 150, 300, &data[150..]).unwrap();
+        let done = store
+            .write_chunk("a", &hash, 150, 300, &data[150..])
+            .unwrap();
         assert_eq!(done, ChunkOutcome::Complete { size: 300 });
     }
 
@@ -489,8 +510,14 @@ mod tests {
                 matches!(store.path(hash), Err(BlobError::InvalidHash { .. })),
                 "path({hash:?})"
             );
-            assert!(matches!(store.has(hash), Err(BlobError::InvalidHash { .. })));
-            assert!(matches!(store.read(hash), Err(BlobError::InvalidHash { .. })));
+            assert!(matches!(
+                store.has(hash),
+                Err(BlobError::InvalidHash { .. })
+            ));
+            assert!(matches!(
+                store.read(hash),
+                Err(BlobError::InvalidHash { .. })
+            ));
             assert!(matches!(
                 store.write_chunk("a", hash, 0, 1, b"x"),
                 Err(BlobError::InvalidHash { .. })
@@ -515,11 +542,18 @@ mod tests {
         let hash = sha256_hex(b"whatever");
         assert!(matches!(
             store.write_chunk("a", &hash, 0, 1001, b"x"),
-            Err(BlobError::TooLarge { total: 1001, max: 1000 })
+            Err(BlobError::TooLarge {
+                total: 1001,
+                max: 1000
+            })
         ));
         assert!(matches!(
             store.write_chunk("a", &hash, 95, 100, &[0; 10]),
-            Err(BlobError::ChunkOutOfRange { offset: 95, len: 10, total: 100 })
+            Err(BlobError::ChunkOutOfRange {
+                offset: 95,
+                len: 10,
+                total: 100
+            })
         ));
         assert!(matches!(
             store.write_chunk("a", &hash, u64::MAX, 100, &[0; 10]),
