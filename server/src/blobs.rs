@@ -15,6 +15,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
@@ -320,6 +321,37 @@ impl BlobStore {
         Ok(ChunkOutcome::Complete { size: total })
     }
 
+    /// Deletes partial uploads not written to for `max_age` or longer (abandoned by an
+    /// uploader that never came back) and returns how many were deleted.
+    pub fn remove_stale_partials(&self, max_age: Duration) -> Result<usize, BlobError> {
+        let dir = self.root.join("partial");
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
+            let entry = entry.map_err(io_err("list", &dir))?;
+            let path = entry.path();
+            let modified = match entry.metadata().and_then(|m| m.modified()) {
+                Ok(t) => t,
+                // Completed or removed by a concurrent upload since the listing.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(BlobError::Io {
+                        op: "inspect",
+                        path,
+                        source,
+                    });
+                }
+            };
+            // A modification time in the future counts as fresh.
+            if now.duration_since(modified).is_ok_and(|age| age >= max_age) {
+                remove_if_exists(&path)?;
+                debug!(path = %path.display(), "removed stale partial upload");
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Renames the verified, synced file `from` into the place of blob `hash`.
     fn install(&self, from: &Path, hash: &str) -> Result<(), BlobError> {
         let dest = self.path(hash)?;
@@ -586,6 +618,31 @@ mod tests {
             Err(BlobError::NotFound { hash }) if hash == missing
         ));
         assert!(partials(&store).is_empty());
+    }
+
+    #[test]
+    fn stale_partials_are_removed_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let old = sha256_hex(b"old");
+        let fresh = sha256_hex(b"fresh");
+        store.write_chunk("a", &old, 0, 10, b"ol").unwrap();
+        store.write_chunk("a", &fresh, 0, 10, b"fr").unwrap();
+        let old_path = dir.path().join("partial").join(format!("a-{old}"));
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        File::options()
+            .write(true)
+            .open(&old_path)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        assert_eq!(
+            store
+                .remove_stale_partials(Duration::from_secs(600))
+                .unwrap(),
+            1
+        );
+        assert_eq!(partials(&store), vec![format!("a-{fresh}")]);
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// Connecting to the database failed.
-    #[error("cannot connect to the {backend:?} database")]
+    #[error("cannot connect to the {backend} database")]
     Connect {
         /// Which database.
         backend: Backend,
@@ -163,6 +163,15 @@ pub enum Backend {
     Sqlite,
     /// PostgreSQL (`postgres://` or `postgresql://` URLs).
     Postgres,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgresql",
+        })
+    }
 }
 
 impl Backend {

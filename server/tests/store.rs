@@ -414,7 +414,7 @@ async fn streams_and_counts_by_kind(db: &TestDb) {
     store.append("b", "out", &batch).await.unwrap();
     store.append("a", "out", &msgs(1..=2)).await.unwrap();
     store.append("a", "ctl", &msgs(1..=1)).await.unwrap();
-    // A stream whose only batch was refused exists with nothing stored.
+    // A refused batch leaves no trace, not even an empty stream.
     assert!(store.append("a", "zzz", &msgs(3..=3)).await.is_err());
 
     let summary = |agent: &str, stream: &str, stored, messages| StreamSummary {
