@@ -397,6 +397,15 @@ impl Store {
             }),
             Backend::Postgres => options.max_connections(16),
         };
+        if backend == Backend::Sqlite && (url.contains(":memory:") || url.contains("mode=memory")) {
+            // Every connection to `sqlite::memory:` opens its own empty database, and the
+            // database goes when its connection closes: keep exactly one, forever.
+            options = options
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None);
+        }
         let pool = options
             .connect(url)
             .await
@@ -869,6 +878,26 @@ mod tests {
                 assert_eq!(on_disk, embedded);
             }
         }
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_database_keeps_its_data() {
+        let store = Store::open("sqlite::memory:").await.unwrap();
+        let batch = [NewMessage {
+            seq: 1,
+            kind: "k".to_owned(),
+            header: "{}".to_owned(),
+            payload_hash: None,
+            received_at: 0,
+        }];
+        assert_eq!(store.append("a", "s", &batch).await.unwrap(), 1);
+        let (a, b) = tokio::join!(
+            store.stream_stored("a", "s"),
+            store.messages("a", "s", 0, 9)
+        );
+        assert_eq!(a.unwrap(), 1);
+        assert_eq!(b.unwrap().len(), 1);
+        store.close().await;
     }
 
     #[tokio::test]
