@@ -1,0 +1,549 @@
+//! The store against real databases: every test runs once on SQLite (in a temporary
+//! directory) and once on PostgreSQL (in a fresh schema of the database named by
+//! `NBSERVER_TEST_POSTGRES_URL`; `scripts/postgres.sh` starts one and prints the URL).
+//!
+//! Without that variable the PostgreSQL runs skip with a note on stderr, except under CI
+//! (`CI` set), where they fail: CI must exercise both databases.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use nbserver::store::{
+    Backend, NewMessage, NewToken, Store, StoreError, StreamSummary, TokenError, TokenGrant,
+};
+use sqlx::{AnyConnection, AssertSqlSafe, Connection, Executor};
+
+const POSTGRES_URL_VAR: &str = "NBSERVER_TEST_POSTGRES_URL";
+
+/// A database for one test: its URL and what to clean up afterwards.
+struct TestDb {
+    url: String,
+    backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+    /// PostgreSQL: (server URL, schema to drop).
+    schema: Option<(String, String)>,
+}
+
+fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}_{}_{nanos}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl TestDb {
+    async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("nbserver.db").display()
+        );
+        TestDb {
+            url,
+            backend: Backend::Sqlite,
+            _dir: Some(dir),
+            schema: None,
+        }
+    }
+
+    /// A fresh schema on the test PostgreSQL server, or `None` to skip.
+    async fn postgres(test: &str) -> Option<TestDb> {
+        let Ok(base) = std::env::var(POSTGRES_URL_VAR) else {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "{POSTGRES_URL_VAR} is not set: on CI the PostgreSQL store tests must run; \
+                     start a server with `export {POSTGRES_URL_VAR}=\"$(scripts/postgres.sh | tail -n 1)\"`"
+                );
+            }
+            eprintln!(
+                "SKIP {test} on PostgreSQL: {POSTGRES_URL_VAR} is not set \
+                 (run scripts/postgres.sh and export the URL it prints)"
+            );
+            return None;
+        };
+        sqlx::any::install_default_drivers();
+        let schema = unique("nbtest");
+        let mut conn = AnyConnection::connect(&base)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {POSTGRES_URL_VAR}={base}: {e}"));
+        conn.execute(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Some(TestDb {
+            url: format!("{base}{sep}options[search_path]={schema}"),
+            backend: Backend::Postgres,
+            _dir: None,
+            schema: Some((base, schema)),
+        })
+    }
+
+    async fn open(&self) -> Store {
+        let store = Store::open(&self.url).await.unwrap();
+        assert_eq!(store.backend(), self.backend);
+        store
+    }
+
+    async fn cleanup(self) {
+        if let Some((base, schema)) = self.schema {
+            let mut conn = AnyConnection::connect(&base).await.unwrap();
+            conn.execute(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .await
+                .unwrap();
+            conn.close().await.unwrap();
+        }
+    }
+}
+
+/// Runs an `async fn(&TestDb)` as two tests, `<name>::sqlite` and `<name>::postgres`.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let db = super::TestDb::sqlite().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some(db) = super::TestDb::postgres(stringify!($name)).await else {
+                    return;
+                };
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        }
+    )*};
+}
+
+on_both!(
+    migrations_apply_twice,
+    append_dedups_resends_and_refuses_gaps,
+    concurrent_resends_store_once,
+    concurrent_double_consume_has_one_winner,
+    token_failures_are_distinct,
+    messages_come_back_in_order_byte_identical,
+    streams_and_counts_by_kind,
+    agents_are_recorded_and_touched,
+    blob_record_is_idempotent,
+    bulk_append_of_100k_messages,
+);
+
+fn msg(seq: u64) -> NewMessage {
+    NewMessage {
+        seq,
+        kind: "output".to_owned(),
+        header: format!(r#"{{"type":"output","seq":{seq}}}"#),
+        payload_hash: None,
+        received_at: 1_700_000_000_000 + seq as i64,
+    }
+}
+
+fn msgs(range: std::ops::RangeInclusive<u64>) -> Vec<NewMessage> {
+    range.map(msg).collect()
+}
+
+fn token(id: &str, agent: &str, expires_at: i64) -> NewToken {
+    NewToken {
+        id: id.to_owned(),
+        secret_hash: format!("hash-of-{id}"),
+        agent: agent.to_owned(),
+        created_at: 1_000,
+        expires_at,
+    }
+}
+
+async fn migrations_apply_twice(db: &TestDb) {
+    let first = db.open().await;
+    first
+        .append("a", "s", &msgs(1..=3))
+        .await
+        .expect("append on a fresh schema");
+    // A second store on the same database while the first is open, then a third after
+    // both closed: the migrations are already applied and must not run again.
+    let second = db.open().await;
+    assert_eq!(second.stream_stored("a", "s").await.unwrap(), 3);
+    first.close().await;
+    second.close().await;
+    let third = db.open().await;
+    assert_eq!(third.stream_stored("a", "s").await.unwrap(), 3);
+    assert_eq!(third.messages("a", "s", 0, 10).await.unwrap().len(), 3);
+    third.close().await;
+}
+
+async fn append_dedups_resends_and_refuses_gaps(db: &TestDb) {
+    let store = db.open().await;
+    assert_eq!(store.stream_stored("a", "out").await.unwrap(), 0);
+    assert_eq!(store.append("a", "out", &[]).await.unwrap(), 0);
+    assert_eq!(store.append("a", "out", &msgs(1..=3)).await.unwrap(), 3);
+
+    // A resend overlapping what is stored: 2 and 3 are skipped, 4 and 5 stored.
+    assert_eq!(store.append("a", "out", &msgs(2..=5)).await.unwrap(), 5);
+    // A resend of only old messages changes nothing.
+    assert_eq!(store.append("a", "out", &msgs(1..=5)).await.unwrap(), 5);
+    let seqs: Vec<u64> = store
+        .messages("a", "out", 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+
+    // A gap after the stored position is refused.
+    match store.append("a", "out", &msgs(7..=8)).await {
+        Err(StoreError::SequenceGap {
+            agent,
+            stream,
+            expected,
+            got,
+        }) => {
+            assert_eq!((agent.as_str(), stream.as_str()), ("a", "out"));
+            assert_eq!((expected, got), (6, 7));
+        }
+        other => panic!("expected a sequence gap, got {other:?}"),
+    }
+    // A hole inside a batch refuses the whole batch, including its good start.
+    let holey = vec![msg(6), msg(8)];
+    assert!(matches!(
+        store.append("a", "out", &holey).await,
+        Err(StoreError::SequenceGap {
+            expected: 7,
+            got: 8,
+            ..
+        })
+    ));
+    assert_eq!(store.stream_stored("a", "out").await.unwrap(), 5);
+    assert_eq!(store.messages("a", "out", 5, 100).await.unwrap(), vec![]);
+
+    // Streams are independent, per agent and per stream name.
+    assert_eq!(store.append("a", "other", &msgs(1..=2)).await.unwrap(), 2);
+    assert_eq!(store.append("b", "out", &msgs(1..=1)).await.unwrap(), 1);
+    assert_eq!(store.stream_stored("a", "out").await.unwrap(), 5);
+
+    // Sequence numbers that do not fit the database are refused, not wrapped.
+    let huge = vec![NewMessage {
+        seq: u64::MAX,
+        ..msg(1)
+    }];
+    assert!(store.append("c", "out", &huge).await.is_err());
+    store.close().await;
+}
+
+async fn concurrent_resends_store_once(db: &TestDb) {
+    let store = db.open().await;
+    // The same batch delivered on two connections at once (a reconnect racing the old
+    // session): exactly one copy is stored, and both calls report the same position.
+    for round in 0..10u64 {
+        let start = round * 50 + 1;
+        let batch = msgs(start..=start + 49);
+        let (a, b) = tokio::join!(
+            tokio::spawn({
+                let (store, batch) = (store.clone(), batch.clone());
+                async move { store.append("agent", "race", &batch).await }
+            }),
+            tokio::spawn({
+                let (store, batch) = (store.clone(), batch.clone());
+                async move { store.append("agent", "race", &batch).await }
+            }),
+        );
+        assert_eq!(a.unwrap().unwrap(), start + 49);
+        assert_eq!(b.unwrap().unwrap(), start + 49);
+    }
+    let all = store.messages("agent", "race", 0, 10_000).await.unwrap();
+    assert_eq!(all.len(), 500);
+    assert!(all.iter().enumerate().all(|(i, m)| m.seq == i as u64 + 1));
+    store.close().await;
+}
+
+async fn concurrent_double_consume_has_one_winner(db: &TestDb) {
+    let store = db.open().await;
+    for i in 0..20 {
+        let id = format!("tok-{i}");
+        store
+            .insert_token(&token(&id, "nb-1", 10_000))
+            .await
+            .unwrap();
+        let secret = format!("hash-of-{id}");
+        let spawn = |who: &'static str| {
+            let (store, id, secret) = (store.clone(), id.clone(), secret.clone());
+            tokio::spawn(async move { store.consume_token(&id, &secret, 5_000, who).await })
+        };
+        let (a, b) = tokio::join!(spawn("first"), spawn("second"));
+        let results = [a.unwrap(), b.unwrap()];
+        let winners: Vec<&TokenGrant> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(winners.len(), 1, "round {i}: {results:?}");
+        assert_eq!(winners[0].agent, "nb-1");
+        let loser = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        match loser {
+            TokenError::AlreadyUsed { used_at, used_by } => {
+                assert_eq!(*used_at, 5_000);
+                assert!(used_by == "first" || used_by == "second");
+            }
+            other => panic!("round {i}: loser got {other:?}"),
+        }
+    }
+    store.close().await;
+}
+
+async fn token_failures_are_distinct(db: &TestDb) {
+    let store = db.open().await;
+    store
+        .insert_token(&token("t1", "nb-1", 2_000))
+        .await
+        .unwrap();
+    store
+        .insert_token(&token("t2", "nb-2", 2_000))
+        .await
+        .unwrap();
+
+    assert!(matches!(
+        store
+            .consume_token("nope", "hash-of-nope", 1_500, "x")
+            .await,
+        Err(TokenError::Unknown)
+    ));
+    // A wrong secret looks exactly like an unknown token.
+    assert!(matches!(
+        store.consume_token("t1", "hash-of-t2", 1_500, "x").await,
+        Err(TokenError::Unknown)
+    ));
+    // Expired: at and after expires_at.
+    assert!(matches!(
+        store.consume_token("t1", "hash-of-t1", 2_000, "x").await,
+        Err(TokenError::Expired { expired_at: 2_000 })
+    ));
+    assert!(matches!(
+        store.consume_token("t1", "hash-of-t1", 9_999, "x").await,
+        Err(TokenError::Expired { expired_at: 2_000 })
+    ));
+    // The failures above did not use the token up.
+    assert_eq!(
+        store
+            .consume_token("t1", "hash-of-t1", 1_999, "host-a")
+            .await
+            .unwrap(),
+        TokenGrant {
+            agent: "nb-1".to_owned()
+        }
+    );
+    match store
+        .consume_token("t1", "hash-of-t1", 1_999, "host-b")
+        .await
+    {
+        Err(TokenError::AlreadyUsed { used_at, used_by }) => {
+            assert_eq!((used_at, used_by.as_str()), (1_999, "host-a"));
+        }
+        other => panic!("expected already used, got {other:?}"),
+    }
+    // Who used a token is not revealed to someone without its secret.
+    assert!(matches!(
+        store.consume_token("t1", "wrong", 1_999, "host-b").await,
+        Err(TokenError::Unknown)
+    ));
+    // Token ids are unique.
+    assert!(
+        store
+            .insert_token(&token("t2", "nb-3", 3_000))
+            .await
+            .is_err()
+    );
+    store.close().await;
+}
+
+async fn messages_come_back_in_order_byte_identical(db: &TestDb) {
+    let store = db.open().await;
+    let headers = [
+        r#"{"type":"output","text":"héllo wörld ✓ 🚀"}"#.to_owned(),
+        "{ \"b\" : 1 ,\n\t\"a\" : [ 1.50 , 2e3 ]   }".to_owned(),
+        r#"{"escaped":"quote \" backslash \\ nul \u0000 tab \t"}"#.to_owned(),
+        format!(r#"{{"big":"{}"}}"#, "x".repeat(100_000)),
+        r#"{"sql":"'); DROP TABLE messages; --"}"#.to_owned(),
+    ];
+    let batch: Vec<NewMessage> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| NewMessage {
+            seq: i as u64 + 1,
+            kind: if i % 2 == 0 { "output" } else { "status" }.to_owned(),
+            header: h.clone(),
+            payload_hash: (i % 2 == 0).then(|| format!("{:064x}", i)),
+            received_at: 1_700_000_000_123 + i as i64,
+        })
+        .collect();
+    assert_eq!(store.append("a", "s", &batch).await.unwrap(), 5);
+
+    let back = store.messages("a", "s", 0, 100).await.unwrap();
+    assert_eq!(back.len(), batch.len());
+    for (got, sent) in back.iter().zip(&batch) {
+        assert_eq!(got.seq, sent.seq);
+        assert_eq!(got.kind, sent.kind);
+        assert_eq!(got.header.as_bytes(), sent.header.as_bytes());
+        assert_eq!(got.payload_hash, sent.payload_hash);
+        assert_eq!(got.received_at, sent.received_at);
+    }
+    // Paging: `after` is exclusive, `limit` caps the page.
+    let page: Vec<u64> = store
+        .messages("a", "s", 1, 2)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(page, vec![2, 3]);
+    assert!(store.messages("a", "s", 5, 10).await.unwrap().is_empty());
+    assert!(store.messages("a", "nope", 0, 10).await.unwrap().is_empty());
+    store.close().await;
+}
+
+async fn streams_and_counts_by_kind(db: &TestDb) {
+    let store = db.open().await;
+    assert!(store.streams().await.unwrap().is_empty());
+    let mut batch = msgs(1..=4);
+    batch[1].kind = "status".to_owned();
+    store.append("b", "out", &batch).await.unwrap();
+    store.append("a", "out", &msgs(1..=2)).await.unwrap();
+    store.append("a", "ctl", &msgs(1..=1)).await.unwrap();
+    // A refused batch leaves no trace, not even an empty stream.
+    assert!(store.append("a", "zzz", &msgs(3..=3)).await.is_err());
+
+    let summary = |agent: &str, stream: &str, stored, messages| StreamSummary {
+        agent: agent.to_owned(),
+        stream: stream.to_owned(),
+        stored,
+        messages,
+    };
+    assert_eq!(
+        store.streams().await.unwrap(),
+        vec![
+            summary("a", "ctl", 1, 1),
+            summary("a", "out", 2, 2),
+            summary("b", "out", 4, 4),
+        ]
+    );
+    assert_eq!(
+        store.count_by_kind("b").await.unwrap(),
+        vec![("output".to_owned(), 3), ("status".to_owned(), 1)]
+    );
+    assert_eq!(
+        store.count_by_kind("a").await.unwrap(),
+        vec![("output".to_owned(), 3)]
+    );
+    assert!(store.count_by_kind("nobody").await.unwrap().is_empty());
+    store.close().await;
+}
+
+async fn agents_are_recorded_and_touched(db: &TestDb) {
+    let store = db.open().await;
+    assert!(store.agent("nb-1").await.unwrap().is_none());
+    assert!(matches!(
+        store.touch_agent("nb-1", 10).await,
+        Err(StoreError::UnknownAgent { agent }) if agent == "nb-1"
+    ));
+    store
+        .record_agent_cert("nb-1", "01ab", 5_000, 100)
+        .await
+        .unwrap();
+    store.touch_agent("nb-1", 150).await.unwrap();
+    let rec = store.agent("nb-1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            rec.enrolled_at,
+            rec.cert_serial.as_str(),
+            rec.cert_not_after,
+            rec.last_seen_at
+        ),
+        (100, "01ab", 5_000, 150)
+    );
+    // Renewal keeps the enrolment time and replaces the certificate.
+    store
+        .record_agent_cert("nb-1", "02cd", 9_000, 200)
+        .await
+        .unwrap();
+    let rec = store.agent("nb-1").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            rec.enrolled_at,
+            rec.cert_serial.as_str(),
+            rec.cert_not_after,
+            rec.last_seen_at
+        ),
+        (100, "02cd", 9_000, 200)
+    );
+    store.close().await;
+}
+
+async fn blob_record_is_idempotent(db: &TestDb) {
+    let store = db.open().await;
+    let hash = "ab".repeat(32);
+    assert!(store.blob(&hash).await.unwrap().is_none());
+    store
+        .record_blob(&hash, 1234, "image/png", 10)
+        .await
+        .unwrap();
+    store
+        .record_blob(&hash, 1234, "image/png", 20)
+        .await
+        .unwrap();
+    store
+        .record_blob(&hash, 1234, "application/octet-stream", 30)
+        .await
+        .unwrap();
+    let rec = store.blob(&hash).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            rec.hash.as_str(),
+            rec.size,
+            rec.media_type.as_str(),
+            rec.created_at
+        ),
+        (hash.as_str(), 1234, "image/png", 10)
+    );
+    // Sizes above i64::MAX cannot be stored and are refused rather than wrapped.
+    assert!(matches!(
+        store.record_blob(&"cd".repeat(32), u64::MAX, "x", 1).await,
+        Err(StoreError::OutOfRange { .. })
+    ));
+    store.close().await;
+}
+
+async fn bulk_append_of_100k_messages(db: &TestDb) {
+    const TOTAL: u64 = 100_000;
+    const BATCH: u64 = 500;
+    let store = db.open().await;
+    let batches: Vec<Vec<NewMessage>> = (0..TOTAL / BATCH)
+        .map(|b| msgs(b * BATCH + 1..=(b + 1) * BATCH))
+        .collect();
+    let started = Instant::now();
+    for batch in &batches {
+        store.append("bulk", "out", batch).await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "{:?}: stored {TOTAL} messages in batches of {BATCH} in {:.2} s ({:.0} messages/s)",
+        db.backend,
+        elapsed.as_secs_f64(),
+        TOTAL as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(store.stream_stored("bulk", "out").await.unwrap(), TOTAL);
+    assert_eq!(
+        store.count_by_kind("bulk").await.unwrap(),
+        vec![("output".to_owned(), TOTAL)]
+    );
+    let tail = store.messages("bulk", "out", TOTAL - 2, 10).await.unwrap();
+    assert_eq!(
+        tail.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![TOTAL - 1, TOTAL]
+    );
+    store.close().await;
+}
