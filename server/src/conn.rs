@@ -304,14 +304,19 @@ async fn authenticate<W: AsyncWrite + Unpin>(
         .await
     {
         Ok(g) => g.agent,
-        Err(TokenError::AlreadyUsed { used_by, .. }) if used_by == PLAINTEXT_USER => state
-            .store
-            .token_agent(&token.id, &token.secret_hash(), now_secs())
-            .await
-            .map_err(|e| ConnError::Refused {
-                code: token_refusal(&e).0,
-                message: token_refusal(&e).1,
-            })?,
+        Err(TokenError::AlreadyUsed { used_by, .. }) if used_by == PLAINTEXT_USER => {
+            match state
+                .store
+                .reused_token_agent(&token.id, &token.secret_hash(), now_secs(), PLAINTEXT_USER)
+                .await
+            {
+                Ok(agent) => agent,
+                Err(e) => {
+                    let (code, message) = token_refusal(&e);
+                    return Err(refuse(wr, code, message).await);
+                }
+            }
+        }
         Err(e) => {
             let (code, message) = token_refusal(&e);
             return Err(refuse(wr, code, message).await);
@@ -520,7 +525,7 @@ async fn control<W: AsyncWrite + Unpin>(
         Message::BlobQuery { request, hashes } => {
             let present = hashes
                 .into_iter()
-                .filter(|h| state.blobs.has(h))
+                .filter(|h| state.blobs.has(h).unwrap_or(false))
                 .collect();
             send(wr, Message::BlobStatus { request, present }).await
         }

@@ -521,6 +521,39 @@ impl Store {
         Err(err)
     }
 
+    /// For legacy plaintext agents, which present their token on every connection:
+    /// the agent of a token that was already consumed by `used_by`, if it has not
+    /// expired. Any other state is refused like [`Store::consume_token`] refuses it.
+    pub async fn reused_token_agent(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        now: i64,
+        used_by: &str,
+    ) -> Result<String, TokenError> {
+        let row: Option<(String, String, i64, Option<String>)> = sqlx::query_as(
+            "SELECT agent, secret_hash, expires_at, used_by FROM tokens WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err("look up token"))?;
+        match row {
+            Some((_, stored, _, _)) if !constant_time_eq(&stored, secret_hash) => {
+                Err(TokenError::Unknown)
+            }
+            None => Err(TokenError::Unknown),
+            Some((_, _, expires_at, _)) if expires_at <= now => Err(TokenError::Expired {
+                expired_at: expires_at,
+            }),
+            Some((agent, _, _, Some(by))) if by == used_by => Ok(agent),
+            Some((_, _, _, by)) => Err(TokenError::AlreadyUsed {
+                used_at: now,
+                used_by: by.unwrap_or_default(),
+            }),
+        }
+    }
+
     /// Records the certificate issued to `agent`, enrolling it at `now` if it is new.
     pub async fn record_agent_cert(
         &self,
@@ -772,6 +805,15 @@ impl Store {
         .await
         .map_err(query_err("record blob"))?;
         Ok(())
+    }
+
+    /// Number of blobs recorded.
+    pub async fn blob_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blobs")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err("count blobs"))?;
+        from_db("count", n)
     }
 
     /// Metadata of the blob `hash`, if recorded.

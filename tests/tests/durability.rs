@@ -130,7 +130,7 @@ fn exactly_once_across_server_and_agent_kills() {
             }
         }
         assert_eq!(hashes.len(), 50);
-        let blobs = nbserver::blobs::BlobStore::open(&data.join("blobs"), 1 << 30).unwrap();
+        let blobs = nbserver::blobs::BlobStore::open(&data.join("blobs")).unwrap();
         for h in &hashes {
             let bytes = blobs.read(h).unwrap();
             assert_eq!(bytes.len(), 1 << 20);
