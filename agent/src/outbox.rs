@@ -201,7 +201,7 @@ pub enum OutboxError {
     Poisoned,
 }
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> OutboxError + '_ {
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OutboxError + 'a {
     move |source| OutboxError::Io {
         op,
         path: path.to_path_buf(),
