@@ -607,7 +607,11 @@ impl Outbox {
         budget: usize,
         at_least_one: bool,
     ) -> Result<Vec<(u64, Bytes)>, OutboxError> {
-        let Some(seg) = self.segments.iter().find(|s| s.first <= lo && lo <= s.end()) else {
+        let Some(seg) = self
+            .segments
+            .iter()
+            .find(|s| s.first <= lo && lo <= s.end())
+        else {
             return Ok(Vec::new());
         };
         let hi = hi.min(seg.end());

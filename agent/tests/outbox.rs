@@ -8,6 +8,8 @@
 //! Also holds a throughput measurement, ignored by default:
 //! `cargo test --release -p nbagent --test outbox -- --ignored --nocapture`.
 
+#![allow(clippy::unwrap_used)] // unwrap on test fixtures is fine
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};

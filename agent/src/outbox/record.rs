@@ -157,6 +157,7 @@ pub(super) fn to_raw(frame: &Bytes) -> Option<RawFrame> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unwrap on test fixtures is fine
 mod tests {
     use super::*;
     use nbagent_protocol::{Envelope, OutputContent};

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // unwrap on test fixtures is fine
 use std::collections::VecDeque;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -75,17 +76,26 @@ fn append_ack_reopen_keeps_exactly_the_unacked_records() {
     }
     assert_eq!(ob.ack(4).unwrap(), 4);
     let before = all(&ob);
-    assert_eq!(before.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (5..=10).collect::<Vec<_>>());
+    assert_eq!(
+        before.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (5..=10).collect::<Vec<_>>()
+    );
     for (seq, frame) in &before {
         let (env, payload) = decode(frame);
         assert_eq!(env.seq, Some(*seq));
         assert_eq!(env.msg, blob(*seq));
-        assert_eq!(payload.as_ref(), vec![*seq as u8; *seq as usize * 3].as_slice());
+        assert_eq!(
+            payload.as_ref(),
+            vec![*seq as u8; *seq as usize * 3].as_slice()
+        );
     }
     let pending_bytes = ob.pending_bytes();
     assert_eq!(
         pending_bytes,
-        before.iter().map(|(_, f)| (f.len() + record::HEADER_LEN) as u64).sum::<u64>()
+        before
+            .iter()
+            .map(|(_, f)| (f.len() + record::HEADER_LEN) as u64)
+            .sum::<u64>()
     );
     drop(ob);
 
@@ -108,7 +118,11 @@ fn numbering_resumes_after_everything_acked_and_never_reuses() {
     assert_eq!(ob.ack(20).unwrap(), 20);
     assert_eq!(ob.pending_count(), 0);
     assert_eq!(ob.pending_bytes(), 0);
-    assert_eq!(segment_files(tmp.path()).len(), 1, "only the last segment stays");
+    assert_eq!(
+        segment_files(tmp.path()).len(),
+        1,
+        "only the last segment stays"
+    );
     drop(ob);
 
     let mut ob = Outbox::open(cfg.clone()).unwrap();
@@ -137,7 +151,10 @@ fn stale_and_impossible_acks() {
     assert_eq!(ob.ack(1).unwrap(), 0, "stale ack ignored");
     let err = ob.ack(4).unwrap_err();
     assert!(
-        matches!(err, OutboxError::Ack(SeqError::AckBeyondSent { acked: 4, sent: 3 })),
+        matches!(
+            err,
+            OutboxError::Ack(SeqError::AckBeyondSent { acked: 4, sent: 3 })
+        ),
         "{err}"
     );
     assert_eq!(ob.window(), SendWindow::resume(3, 2));
@@ -147,8 +164,13 @@ fn stale_and_impossible_acks() {
 fn non_sequenced_messages_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let mut ob = Outbox::open(config(tmp.path())).unwrap();
-    let err = ob.append(&Message::Heartbeat { sent_ms: 1 }, b"").unwrap_err();
-    assert!(matches!(err, OutboxError::NotSequenced { kind: "heartbeat" }), "{err}");
+    let err = ob
+        .append(&Message::Heartbeat { sent_ms: 1 }, b"")
+        .unwrap_err();
+    assert!(
+        matches!(err, OutboxError::NotSequenced { kind: "heartbeat" }),
+        "{err}"
+    );
     assert_eq!(ob.window().last_assigned(), 0);
 }
 
@@ -171,7 +193,11 @@ fn assert_recovers_two(dir: &Path, path: &Path, third: u64, two: &[(u64, Bytes)]
     let mut ob = Outbox::open(config(dir)).unwrap();
     assert_eq!(ob.window().last_assigned(), 2, "{what}");
     assert_eq!(all(&ob), two, "{what}");
-    assert_eq!(fs::metadata(path).unwrap().len(), third, "{what}: tail truncated");
+    assert_eq!(
+        fs::metadata(path).unwrap().len(),
+        third,
+        "{what}: tail truncated"
+    );
     assert_eq!(ob.last().unwrap().unwrap().0, 2, "{what}");
     // The outbox goes on from there.
     assert_eq!(ob.append(&blob(3), b"again").unwrap(), 3, "{what}");
@@ -270,15 +296,24 @@ fn full_at_the_limit_then_progress_after_acks() {
         }
         other => panic!("expected Full, got {other}"),
     }
-    assert_eq!(fs::metadata(&seg).unwrap().len(), len_before, "nothing written");
+    assert_eq!(
+        fs::metadata(&seg).unwrap().len(),
+        len_before,
+        "nothing written"
+    );
     assert_eq!(ob.window().last_assigned(), 5);
 
     ob.ack(2).unwrap();
     assert_eq!(ob.append(&output(6, 100), b"").unwrap(), 6);
     assert_eq!(ob.append(&output(7, 100), b"").unwrap(), 7);
-    assert!(matches!(ob.append(&output(8, 100), b""), Err(OutboxError::Full { .. })));
+    assert!(matches!(
+        ob.append(&output(8, 100), b""),
+        Err(OutboxError::Full { .. })
+    ));
 
-    let err = ob.append(&blob(9), &vec![0u8; cfg.max_bytes as usize]).unwrap_err();
+    let err = ob
+        .append(&blob(9), &vec![0u8; cfg.max_bytes as usize])
+        .unwrap_err();
     assert!(matches!(err, OutboxError::RecordTooLarge { .. }), "{err}");
 }
 
@@ -299,7 +334,11 @@ fn stream_id_is_stable_and_new_after_wipe() {
     fs::remove_dir_all(&dir).unwrap();
     let mut ob = Outbox::open(config(&dir)).unwrap();
     assert_ne!(ob.stream_id(), id);
-    assert_eq!(ob.append(&output(1, 1), b"").unwrap(), 1, "a new stream starts at 1");
+    assert_eq!(
+        ob.append(&output(1, 1), b"").unwrap(),
+        1,
+        "a new stream starts at 1"
+    );
 }
 
 #[test]
@@ -328,10 +367,14 @@ fn frames_from_cache_and_from_disk_agree() {
     let cfg = small(tmp.path(), 2000, 1500);
     let mut ob = Outbox::open(cfg.clone()).unwrap();
     for i in 1..=60 {
-        ob.append(&blob(i), &vec![i as u8; (i as usize * 7) % 90]).unwrap();
+        ob.append(&blob(i), &vec![i as u8; (i as usize * 7) % 90])
+            .unwrap();
     }
     ob.ack(3).unwrap();
-    assert!(ob.cache.front().unwrap().0 > 30, "cache holds only recent frames");
+    assert!(
+        ob.cache.front().unwrap().0 > 30,
+        "cache holds only recent frames"
+    );
     let live = all(&ob);
     assert_eq!(live.len(), 57);
     // Small budgets: contiguous, ordered, at least one frame each time.
@@ -343,13 +386,21 @@ fn frames_from_cache_and_from_disk_agree() {
             break;
         }
         let size: usize = got.iter().map(|(_, f)| f.len()).sum();
-        assert!(got.len() == 1 || size <= 300, "{size} bytes in {} frames", got.len());
+        assert!(
+            got.len() == 1 || size <= 300,
+            "{size} bytes in {} frames",
+            got.len()
+        );
         after = got.last().unwrap().0;
         stitched.extend(got);
     }
     assert_eq!(stitched, live);
     assert!(ob.frames_after(60, usize::MAX).unwrap().is_empty());
-    assert_eq!(ob.frames_after(0, 0).unwrap().len(), 1, "at least one frame");
+    assert_eq!(
+        ob.frames_after(0, 0).unwrap().len(),
+        1,
+        "at least one frame"
+    );
     let last = ob.last().unwrap().unwrap();
     drop(ob);
 
@@ -428,7 +479,10 @@ fn periodic_and_every_append_policies_work() {
         }
         ob.ack(5).unwrap();
         ob.sync().unwrap();
-        assert_eq!(fs::read_to_string(tmp.path().join(ACKED_FILE)).unwrap(), "5\n");
+        assert_eq!(
+            fs::read_to_string(tmp.path().join(ACKED_FILE)).unwrap(),
+            "5\n"
+        );
         let frames = all(&ob);
         drop(ob);
         assert_eq!(all(&Outbox::open(cfg).unwrap()), frames);
