@@ -72,6 +72,10 @@ pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// The acked watermark is written to disk after this many advancing acks.
 pub const ACK_PERSIST_EVERY: u32 = 64;
 
+/// Largest sequence number believed from a file name or the watermark file, so that
+/// arithmetic on numbers read from disk cannot overflow.
+const MAX_SEQ: u64 = 1 << 62;
+
 const STREAM_FILE: &str = "stream";
 const ACKED_FILE: &str = "acked";
 const LOCK_FILE: &str = "lock";
@@ -195,6 +199,9 @@ pub enum OutboxError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// Sequence numbers are exhausted (only after an absurd `Welcome`).
+    #[error("outbox sequence numbers are exhausted")]
+    SequenceExhausted,
     /// An earlier append failed and its partial record could not be removed; appends
     /// are refused until the outbox is reopened (which truncates the damage).
     #[error("outbox is unusable after a failed write; reopen it")]
@@ -257,11 +264,10 @@ fn parse_segment_name(name: &str) -> Option<u64> {
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok().filter(|&n| n >= 1)
+    digits.parse().ok().filter(|&n| (1..=MAX_SEQ).contains(&n))
 }
 
 /// The durable outbox. See the [module documentation](self).
-#[derive(Debug)]
 pub struct Outbox {
     config: OutboxConfig,
     stream_id: String,
@@ -286,6 +292,13 @@ impl Outbox {
     /// Opens (or creates) the outbox in `config.dir` and recovers its state: verifies
     /// every record, truncates a torn tail, finds the last sequence number and the
     /// acked watermark, and deletes fully acked segments.
+    ///
+    /// Reads every record once, so its cost grows with the unacked backlog. Fails with
+    /// [`OutboxError::Locked`] while another `Outbox` has the directory open. Where the
+    /// numbering of the segments is not continuous (a segment lost or damaged in its
+    /// middle, which a crash alone cannot cause), the records from the gap on are
+    /// dropped with an error in the log, and numbering continues after the last
+    /// record kept.
     pub fn open(config: OutboxConfig) -> Result<Outbox, OutboxError> {
         let dir = config.dir.clone();
         fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
@@ -349,7 +362,13 @@ impl Outbox {
     ///
     /// Refuses non-sequenced messages ([`OutboxError::NotSequenced`]); returns
     /// [`OutboxError::Full`] without writing anything when the unacked records would
-    /// exceed the bound.
+    /// exceed the bound (wait for acks and retry), and
+    /// [`OutboxError::RecordTooLarge`] for a record that can never fit.
+    ///
+    /// If the write itself fails, the partial record is removed and nothing is
+    /// appended. If that removal fails, or an `fsync` of [`FsyncPolicy::EveryAppend`]
+    /// fails (the record is then written but perhaps not durable), the outbox refuses
+    /// further appends with [`OutboxError::Poisoned`] until it is reopened.
     pub fn append(&mut self, msg: &Message, payload: &[u8]) -> Result<u64, OutboxError> {
         if !msg.is_sequenced() {
             return Err(OutboxError::NotSequenced { kind: msg.kind() });
@@ -357,7 +376,9 @@ impl Outbox {
         if self.poisoned {
             return Err(OutboxError::Poisoned);
         }
-        let seq = self.window.last_assigned() + 1;
+        let Some(seq) = self.window.last_assigned().checked_add(1) else {
+            return Err(OutboxError::SequenceExhausted);
+        };
         let header = record::encode_header(seq, msg).map_err(|source| OutboxError::Encode {
             kind: msg.kind(),
             source,
@@ -513,11 +534,17 @@ impl Outbox {
     /// [`FsyncPolicy::Never`]): the numbering then jumps past the server's watermark,
     /// durably, so that no number the server already stored is reused for a new
     /// message (the server would drop it as a duplicate). Returns how many records
-    /// were released.
+    /// were released. A watermark beyond 2^62 is refused as absurd.
     pub fn on_welcome(&mut self, server_acked: u64) -> Result<u64, OutboxError> {
         let last = self.window.last_assigned();
         if server_acked <= last {
             return self.ack(server_acked);
+        }
+        if server_acked > MAX_SEQ {
+            return Err(OutboxError::Ack(SeqError::AckBeyondSent {
+                acked: server_acked,
+                sent: last,
+            }));
         }
         let released = last - self.window.acked();
         tracing::warn!(
@@ -564,7 +591,7 @@ impl Outbox {
         max_bytes: usize,
     ) -> Result<Vec<(u64, Bytes)>, OutboxError> {
         let last = self.window.last_assigned();
-        let mut next = after.max(self.window.acked()) + 1;
+        let mut next = after.max(self.window.acked()).saturating_add(1);
         let mut out = Vec::new();
         let mut total = 0usize;
         let budget_left = |total: usize, n: usize, len: usize| n == 0 || total + len <= max_bytes;
@@ -731,6 +758,21 @@ impl Outbox {
     }
 }
 
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A summary: the cache may hold many megabytes.
+        f.debug_struct("Outbox")
+            .field("dir", &self.config.dir)
+            .field("stream_id", &self.stream_id)
+            .field("window", &self.window)
+            .field("pending_bytes", &self.pending_bytes)
+            .field("segments", &self.segments.len())
+            .field("cached_frames", &self.cache.len())
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Outbox {
     fn drop(&mut self) {
         if let Err(e) = self.persist_watermark(false) {
@@ -827,10 +869,15 @@ fn load_or_create_stream(dir: &Path) -> Result<String, OutboxError> {
 fn read_watermark(dir: &Path) -> u64 {
     let path = dir.join(ACKED_FILE);
     match fs::read_to_string(&path) {
-        Ok(s) => s.trim().parse().unwrap_or_else(|_| {
-            tracing::warn!(path = %path.display(), "ignoring damaged outbox watermark");
-            0
-        }),
+        Ok(s) => s
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&n| n <= MAX_SEQ)
+            .unwrap_or_else(|| {
+                tracing::warn!(path = %path.display(), "ignoring damaged outbox watermark");
+                0
+            }),
         Err(e) => {
             if e.kind() != ErrorKind::NotFound {
                 tracing::warn!(path = %path.display(), error = %e, "cannot read outbox watermark");

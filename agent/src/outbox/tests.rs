@@ -571,3 +571,19 @@ proptest! {
         prop_assert_eq!(all(&ob), Vec::from(model));
     }
 }
+
+#[test]
+fn absurd_numbers_are_refused_without_overflow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ob = Outbox::open(config(tmp.path())).unwrap();
+    ob.append(&output(1, 1), b"").unwrap();
+    assert!(ob.frames_after(u64::MAX, usize::MAX).unwrap().is_empty());
+    let err = ob.on_welcome(u64::MAX).unwrap_err();
+    assert!(matches!(err, OutboxError::Ack(_)), "{err}");
+    assert_eq!(ob.append(&output(2, 1), b"").unwrap(), 2);
+    drop(ob);
+    // A watermark file beyond belief is ignored rather than trusted.
+    fs::write(tmp.path().join(ACKED_FILE), format!("{}\n", u64::MAX)).unwrap();
+    let ob = Outbox::open(config(tmp.path())).unwrap();
+    assert_eq!(ob.window(), SendWindow::resume(2, 0));
+}
