@@ -544,10 +544,7 @@ mod tests {
     #[test]
     fn server_dedups_and_refuses_gaps() {
         let mut s = ServerSession::new(SUPPORTED);
-        assert_eq!(
-            s.on_frame(&hello()).unwrap(),
-            ServerEvent::Hello { version: 1 }
-        );
+        assert_eq!(s.on_frame(&hello()).unwrap(), ServerEvent::Hello { version: 1 });
         s.established(1, 5);
         assert_eq!(
             s.on_frame(&output(3)).unwrap(),

@@ -67,14 +67,8 @@ mod tests {
 
     #[test]
     fn picks_highest_common() {
-        assert_eq!(
-            negotiate(VersionRange::new(1, 5), VersionRange::new(2, 3)),
-            Ok(3)
-        );
-        assert_eq!(
-            negotiate(VersionRange::new(3, 3), VersionRange::new(1, 9)),
-            Ok(3)
-        );
+        assert_eq!(negotiate(VersionRange::new(1, 5), VersionRange::new(2, 3)), Ok(3));
+        assert_eq!(negotiate(VersionRange::new(3, 3), VersionRange::new(1, 9)), Ok(3));
     }
 
     #[test]
