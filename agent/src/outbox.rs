@@ -1,1 +1,998 @@
-//! (in progress)
+//! The durable outbox: every sequenced message the agent sends is appended here
+//! *before* it is sent, and removed only after the server's cumulative ack.
+//!
+//! # Guarantees
+//!
+//! - **Crash safety.** The outbox survives agent restarts and `SIGKILL` at any
+//!   instant. Each record carries a CRC-32 over its length, sequence number and bytes;
+//!   on [`Outbox::open`] a torn or damaged tail is detected, truncated away and never
+//!   misread. With [`FsyncPolicy::Never`] a *power loss* may also lose the last records
+//!   written (the page cache is gone); see [`Outbox::on_welcome`] for how numbering then
+//!   stays safe.
+//! - **Exactly-once numbering.** Sequence numbers are per *stream* (a random 128-bit
+//!   id created once in `<dir>/stream`); a wiped outbox gets a new stream and starts
+//!   again at 1. Within a stream a number is never reused, across any number of
+//!   restarts, even when everything was acked and deleted.
+//! - **Bounded, with backpressure.** The unacked records may use at most
+//!   [`OutboxConfig::max_bytes`] (default 1 GiB). An [`Outbox::append`] that would go
+//!   over returns [`OutboxError::Full`] and writes nothing: the caller waits for acks
+//!   (backpressure) and logs it. Nothing is ever dropped silently. A single record
+//!   larger than `max_bytes` is refused with [`OutboxError::RecordTooLarge`]. Disk use
+//!   is at most about `max_bytes + segment_bytes` (acked records stay on disk until their
+//!   whole segment is acked).
+//! - **Cheap appends.** One `write(2)` per record and no `fsync` unless
+//!   [`FsyncPolicy::EveryAppend`] asks for it. Acks do not `fsync` either: the acked
+//!   watermark is written (tmp + rename) every [`ACK_PERSIST_EVERY`] acks, on
+//!   [`Outbox::sync`] and on drop. An outdated watermark after a crash only causes
+//!   resends, which the server deduplicates.
+//!
+//! # Layout
+//!
+//! ```text
+//! <dir>/stream                     stream id, 32 hex digits, written once
+//! <dir>/acked                      acked watermark (decimal), written lazily
+//! <dir>/lock                       flock(2) held while open: one writer only
+//! <dir>/seg-<first seq:020>.log    segments of records, each up to segment_bytes
+//! ```
+//!
+//! Each record is `[u32 frame_len][u32 crc32][u64 seq][frame]`, where `frame` is
+//! exactly the wire frame (`nbagent_protocol::codec::encode_raw` of the JSON
+//! `Envelope { seq, msg }` and the payload), so a resend writes the stored bytes to the
+//! socket without re-encoding. Records of one segment have consecutive sequence numbers
+//! starting at the one in its name; the segment name thus also remembers the numbering
+//! when the segment is empty. The last segment is never deleted, so the last assigned
+//! number always survives on disk.
+//!
+//! # Memory
+//!
+//! The outbox keeps 8 bytes per unacked record (its offset) plus a cache of the most
+//! recent unacked frames ([`OutboxConfig::cache_bytes`], default 64 MiB) so that sending
+//! right after appending, the common case, never reads the disk.
+//!
+//! The outbox is synchronous std I/O; the async side wraps it in a mutex.
+
+mod record;
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, ErrorKind, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use nbagent_protocol::{Message, RawFrame, SendWindow, SeqError};
+use nix::fcntl::{Flock, FlockArg};
+
+/// Default bound of unacked bytes (1 GiB).
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+/// Default segment size (64 MiB).
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+/// Default size of the in-memory cache of recent frames (64 MiB).
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+/// The acked watermark is written to disk after this many advancing acks.
+pub const ACK_PERSIST_EVERY: u32 = 64;
+
+/// Largest sequence number believed from a file name or the watermark file, so that
+/// arithmetic on numbers read from disk cannot overflow.
+const MAX_SEQ: u64 = 1 << 62;
+
+const STREAM_FILE: &str = "stream";
+const ACKED_FILE: &str = "acked";
+const LOCK_FILE: &str = "lock";
+const SEG_PREFIX: &str = "seg-";
+const SEG_SUFFIX: &str = ".log";
+
+/// When the outbox calls `fsync`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsyncPolicy {
+    /// Never (the default): survives a crash or `SIGKILL` of the agent, not a power
+    /// loss of the machine.
+    #[default]
+    Never,
+    /// After every append: survives power loss, at the cost of one `fsync` per record.
+    EveryAppend,
+    /// Only when the caller calls [`Outbox::sync`] (for example on a timer), and when a
+    /// segment is closed.
+    Periodic,
+}
+
+/// Where and how big the outbox is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxConfig {
+    /// Directory of the outbox; created if missing.
+    pub dir: PathBuf,
+    /// Most bytes of unacked records kept (default [`DEFAULT_MAX_BYTES`]).
+    pub max_bytes: u64,
+    /// Size at which a new segment file is started (default [`DEFAULT_SEGMENT_BYTES`]).
+    pub segment_bytes: u64,
+    /// Most bytes of recent frames kept in memory (default [`DEFAULT_CACHE_BYTES`]).
+    pub cache_bytes: usize,
+    /// When to `fsync` (default [`FsyncPolicy::Never`]).
+    pub fsync: FsyncPolicy,
+}
+
+impl OutboxConfig {
+    /// A configuration with the defaults for `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            max_bytes: DEFAULT_MAX_BYTES,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            fsync: FsyncPolicy::Never,
+        }
+    }
+}
+
+/// Errors of the outbox.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxError {
+    /// A file operation failed.
+    #[error("outbox i/o failed: {op} {path}")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process (or another `Outbox` in this one) has the outbox open.
+    #[error("outbox {path} is locked by another process")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// Only sequenced messages go through the outbox.
+    #[error("{kind} messages are not sequenced and do not go through the outbox")]
+    NotSequenced {
+        /// The message's type.
+        kind: &'static str,
+    },
+    /// The unacked records would exceed the bound: wait for acks and retry.
+    #[error("outbox full: {pending_bytes} bytes unacked, limit {max_bytes} bytes")]
+    Full {
+        /// Bytes of unacked records now.
+        pending_bytes: u64,
+        /// The configured bound.
+        max_bytes: u64,
+    },
+    /// One record is larger than the whole outbox (or than a record can be).
+    #[error("record of {len} bytes can never fit in the outbox (limit {max_bytes} bytes)")]
+    RecordTooLarge {
+        /// Size of the record.
+        len: u64,
+        /// The limit it exceeds.
+        max_bytes: u64,
+    },
+    /// The message could not be serialised.
+    #[error("cannot serialise {kind} message")]
+    Encode {
+        /// The message's type.
+        kind: &'static str,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The server acknowledged something impossible.
+    #[error("ack refused")]
+    Ack(#[source] SeqError),
+    /// The stream id file holds something else than a stream id.
+    #[error("stream id file {path} is damaged; remove the outbox directory to start a new stream")]
+    BadStreamId {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A record that was valid when the outbox was opened no longer is.
+    #[error("outbox record damaged at {path} offset {offset}: {reason}")]
+    Corrupt {
+        /// The segment.
+        path: PathBuf,
+        /// Offset of the record.
+        offset: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Sequence numbers are exhausted (only after an absurd `Welcome`).
+    #[error("outbox sequence numbers are exhausted")]
+    SequenceExhausted,
+    /// An earlier append failed and its partial record could not be removed; appends
+    /// are refused until the outbox is reopened (which truncates the damage).
+    #[error("outbox is unusable after a failed write; reopen it")]
+    Poisoned,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> OutboxError + 'a {
+    move |source| OutboxError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One segment file: consecutive records starting at `first`.
+#[derive(Debug)]
+struct Segment {
+    /// Sequence number of its first record (also in its name).
+    first: u64,
+    path: PathBuf,
+    /// Offset of each record: `starts[i]` is the record of `first + i`.
+    starts: Vec<u64>,
+    /// Bytes of valid records.
+    len: u64,
+}
+
+impl Segment {
+    fn new(dir: &Path, first: u64) -> Self {
+        Self {
+            first,
+            path: segment_path(dir, first),
+            starts: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Sequence number of its last record (`first - 1` when empty).
+    fn end(&self) -> u64 {
+        self.first + self.starts.len() as u64 - 1
+    }
+
+    /// Byte range of the records `lo..=hi` (which must be in this segment).
+    fn range(&self, lo: u64, hi: u64) -> (u64, u64) {
+        let from = self.starts[(lo - self.first) as usize];
+        let to = self
+            .starts
+            .get((hi + 1 - self.first) as usize)
+            .copied()
+            .unwrap_or(self.len);
+        (from, to)
+    }
+}
+
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{SEG_PREFIX}{first:020}{SEG_SUFFIX}"))
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(SEG_PREFIX)?.strip_suffix(SEG_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&n| (1..=MAX_SEQ).contains(&n))
+}
+
+/// The durable outbox. See the [module documentation](self).
+pub struct Outbox {
+    config: OutboxConfig,
+    stream_id: String,
+    _lock: Flock<File>,
+    window: SendWindow,
+    /// Segments in order; the last one is the one appended to.
+    segments: VecDeque<Segment>,
+    /// Append handle of the last segment, opened lazily.
+    active: Option<File>,
+    /// The most recent unacked frames, a suffix of the pending records.
+    cache: VecDeque<(u64, Bytes)>,
+    cache_bytes: usize,
+    pending_bytes: u64,
+    /// Watermark last written to `<dir>/acked`.
+    persisted_acked: u64,
+    acks_since_persist: u32,
+    poisoned: bool,
+    buf: BytesMut,
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox in `config.dir` and recovers its state: verifies
+    /// every record, truncates a torn tail, finds the last sequence number and the
+    /// acked watermark, and deletes fully acked segments.
+    ///
+    /// Reads every record once, so its cost grows with the unacked backlog. Fails with
+    /// [`OutboxError::Locked`] while another `Outbox` has the directory open. Where the
+    /// numbering of the segments is not continuous (a segment lost or damaged in its
+    /// middle, which a crash alone cannot cause), the records from the gap on are
+    /// dropped with an error in the log, and numbering continues after the last
+    /// record kept.
+    pub fn open(config: OutboxConfig) -> Result<Outbox, OutboxError> {
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let lock = lock_dir(&dir)?;
+        let stream_id = load_or_create_stream(&dir)?;
+        let watermark = read_watermark(&dir);
+        let mut segments = recover_segments(&dir)?;
+
+        let derived = segments.front().map_or(0, |s| s.first - 1);
+        let acked = watermark.max(derived);
+        let data_end = segments.back().map_or(0, Segment::end);
+        let last = acked.max(data_end);
+        if last > data_end {
+            // Every record on disk is acked and the numbering continues past them
+            // (records lost in a power loss after the server stored them): the
+            // segments are useless and the next append must start a fresh one.
+            for seg in segments.drain(..) {
+                remove_segment(&seg)?;
+            }
+        }
+        while segments.len() > 1 && segments.front().is_some_and(|s| s.end() <= acked) {
+            if let Some(seg) = segments.pop_front() {
+                remove_segment(&seg)?;
+            }
+        }
+        let mut outbox = Outbox {
+            stream_id,
+            _lock: lock,
+            window: SendWindow::resume(last, acked),
+            segments,
+            active: None,
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+            pending_bytes: 0,
+            persisted_acked: watermark,
+            acks_since_persist: 0,
+            poisoned: false,
+            buf: BytesMut::new(),
+            config,
+        };
+        outbox.pending_bytes = outbox.compute_pending_bytes();
+        tracing::info!(
+            dir = %dir.display(),
+            stream = %outbox.stream_id,
+            last,
+            acked,
+            pending = outbox.pending_count(),
+            pending_bytes = outbox.pending_bytes,
+            segments = outbox.segments.len(),
+            "outbox opened"
+        );
+        Ok(outbox)
+    }
+
+    /// The stream id (32 hex digits) to announce in `Hello`.
+    pub fn stream_id(&self) -> &str {
+        &self.stream_id
+    }
+
+    /// Appends a sequenced message and its payload; returns its sequence number.
+    ///
+    /// Refuses non-sequenced messages ([`OutboxError::NotSequenced`]); returns
+    /// [`OutboxError::Full`] without writing anything when the unacked records would
+    /// exceed the bound (wait for acks and retry), and
+    /// [`OutboxError::RecordTooLarge`] for a record that can never fit.
+    ///
+    /// If the write itself fails, the partial record is removed and nothing is
+    /// appended. If that removal fails, or an `fsync` of [`FsyncPolicy::EveryAppend`]
+    /// fails (the record is then written but perhaps not durable), the outbox refuses
+    /// further appends with [`OutboxError::Poisoned`] until it is reopened.
+    pub fn append(&mut self, msg: &Message, payload: &[u8]) -> Result<u64, OutboxError> {
+        if !msg.is_sequenced() {
+            return Err(OutboxError::NotSequenced { kind: msg.kind() });
+        }
+        if self.poisoned {
+            return Err(OutboxError::Poisoned);
+        }
+        let Some(seq) = self.window.last_assigned().checked_add(1) else {
+            return Err(OutboxError::SequenceExhausted);
+        };
+        let header = record::encode_header(seq, msg).map_err(|source| OutboxError::Encode {
+            kind: msg.kind(),
+            source,
+        })?;
+        let len = record::record_len(header.len(), payload.len());
+        let record_limit = (record::HEADER_LEN as u64) + u64::from(u32::MAX);
+        if len > self.config.max_bytes || len > record_limit {
+            return Err(OutboxError::RecordTooLarge {
+                len,
+                max_bytes: self.config.max_bytes.min(record_limit),
+            });
+        }
+        if self.pending_bytes + len > self.config.max_bytes {
+            return Err(OutboxError::Full {
+                pending_bytes: self.pending_bytes,
+                max_bytes: self.config.max_bytes,
+            });
+        }
+        self.prepare_segment(seq, len)?;
+
+        self.buf.clear();
+        record::encode(seq, &header, payload, &mut self.buf);
+        let mut rec = self.buf.split().freeze();
+        let Some(seg) = self.segments.back_mut() else {
+            return Err(OutboxError::Poisoned);
+        };
+        let Some(file) = self.active.as_mut() else {
+            return Err(OutboxError::Poisoned);
+        };
+        if let Err(source) = file.write_all(&rec) {
+            // Remove a partial record so later appends do not follow garbage.
+            if let Err(e) = file.set_len(seg.len) {
+                tracing::error!(path = %seg.path.display(), error = %e, "cannot remove a partial outbox record");
+                self.poisoned = true;
+            }
+            return Err(OutboxError::Io {
+                op: "appending to",
+                path: seg.path.clone(),
+                source,
+            });
+        }
+        seg.starts.push(seg.len);
+        seg.len += len;
+        let assigned = self.window.assign();
+        debug_assert_eq!(assigned, seq);
+        self.pending_bytes += len;
+        if self.config.fsync == FsyncPolicy::EveryAppend {
+            if let Err(source) = file.sync_data() {
+                // The record is written but may not be durable, and the state of the
+                // page cache after a failed fsync is unknown: stop here.
+                self.poisoned = true;
+                return Err(OutboxError::Io {
+                    op: "syncing",
+                    path: seg.path.clone(),
+                    source,
+                });
+            }
+        }
+
+        let frame = rec.split_off(record::HEADER_LEN);
+        self.cache_push(seq, frame);
+        Ok(seq)
+    }
+
+    /// Makes sure the last segment can take a record of `len` bytes numbered `seq`:
+    /// opens it, or starts a new one when it is full (or there is none).
+    fn prepare_segment(&mut self, seq: u64, len: u64) -> Result<(), OutboxError> {
+        let full = self
+            .segments
+            .back()
+            .is_none_or(|s| s.len > 0 && s.len + len > self.config.segment_bytes);
+        if !full {
+            if self.active.is_none() {
+                if let Some(seg) = self.segments.back() {
+                    self.active = Some(open_append(&seg.path)?);
+                }
+            }
+            return Ok(());
+        }
+        let sync = self.config.fsync != FsyncPolicy::Never;
+        if let (Some(old), Some(seg)) = (self.active.take(), self.segments.back()) {
+            if sync {
+                old.sync_data().map_err(io_err("syncing", &seg.path))?;
+            }
+        }
+        let seg = Segment::new(&self.config.dir, seq);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&seg.path)
+            .map_err(io_err("creating", &seg.path))?;
+        // A leftover file of that name holds nothing we still need.
+        file.set_len(0).map_err(io_err("truncating", &seg.path))?;
+        if sync {
+            sync_dir(&self.config.dir)?;
+        }
+        tracing::debug!(path = %seg.path.display(), first = seq, "outbox segment started");
+        self.segments.push_back(seg);
+        self.active = Some(file);
+        self.delete_acked_segments()
+    }
+
+    fn cache_push(&mut self, seq: u64, frame: Bytes) {
+        if frame.len() > self.config.cache_bytes {
+            // The cache must stay a contiguous suffix: start it again after this one.
+            self.cache.clear();
+            self.cache_bytes = 0;
+            return;
+        }
+        self.cache_bytes += frame.len();
+        self.cache.push_back((seq, frame));
+        while self.cache_bytes > self.config.cache_bytes {
+            if let Some((_, f)) = self.cache.pop_front() {
+                self.cache_bytes -= f.len();
+            }
+        }
+    }
+
+    /// Applies the server's cumulative ack: everything up to `upto` is stored and may
+    /// be dropped. Returns how many records it newly released; a stale (lower) ack is
+    /// ignored. An ack beyond the last assigned number is an error
+    /// ([`OutboxError::Ack`]). Fully acked segments are deleted.
+    ///
+    /// If deleting a segment fails, the ack is still applied and the deletion is
+    /// retried on the next ack.
+    pub fn ack(&mut self, upto: u64) -> Result<u64, OutboxError> {
+        let released = self.window.on_ack(upto).map_err(OutboxError::Ack)?;
+        if released == 0 {
+            return Ok(0);
+        }
+        let acked = self.window.acked();
+        while let Some((seq, f)) = self.cache.front() {
+            if *seq > acked {
+                break;
+            }
+            self.cache_bytes -= f.len();
+            self.cache.pop_front();
+        }
+        self.pending_bytes = self.compute_pending_bytes();
+        self.acks_since_persist += 1;
+        if self.acks_since_persist >= ACK_PERSIST_EVERY {
+            self.persist_watermark(false)?;
+        }
+        self.delete_acked_segments()?;
+        Ok(released)
+    }
+
+    /// Applies the `acked` of the server's `Welcome`, the highest number of this
+    /// stream it has stored. Call it on every (re)connection before resending.
+    ///
+    /// Normally this is an ordinary [`ack`](Self::ack). If the server has stored more
+    /// than this outbox ever assigned, local records were lost (a power loss with
+    /// [`FsyncPolicy::Never`]): the numbering then jumps past the server's watermark,
+    /// durably, so that no number the server already stored is reused for a new
+    /// message (the server would drop it as a duplicate). Returns how many records
+    /// were released. A watermark beyond 2^62 is refused as absurd.
+    pub fn on_welcome(&mut self, server_acked: u64) -> Result<u64, OutboxError> {
+        let last = self.window.last_assigned();
+        if server_acked <= last {
+            return self.ack(server_acked);
+        }
+        if server_acked > MAX_SEQ {
+            return Err(OutboxError::Ack(SeqError::AckBeyondSent {
+                acked: server_acked,
+                sent: last,
+            }));
+        }
+        let released = last - self.window.acked();
+        tracing::warn!(
+            stream = %self.stream_id,
+            server_acked,
+            last,
+            "server stored more than the outbox holds; outbox records were lost, numbering continues after the server's"
+        );
+        self.window = SendWindow::resume(server_acked, server_acked);
+        self.persist_watermark(true)?;
+        self.cache.clear();
+        self.cache_bytes = 0;
+        self.active = None;
+        while let Some(seg) = self.segments.pop_front() {
+            remove_segment(&seg)?;
+        }
+        self.pending_bytes = 0;
+        Ok(released)
+    }
+
+    /// Sequence bookkeeping: last assigned number and acked watermark.
+    pub fn window(&self) -> SendWindow {
+        self.window.clone()
+    }
+
+    /// Bytes of unacked records on disk (record headers included).
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
+    }
+
+    /// Number of unacked records.
+    pub fn pending_count(&self) -> u64 {
+        self.window.in_flight()
+    }
+
+    /// Wire frames of the unacked records numbered above `after`, in order, totalling
+    /// at most about `max_bytes` (always at least one frame when any is pending).
+    ///
+    /// Numbers at or below the acked watermark are never returned (they may be gone).
+    /// Recent frames come from memory, older ones from the segment files.
+    pub fn frames_after(
+        &self,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>, OutboxError> {
+        let last = self.window.last_assigned();
+        let mut next = after.max(self.window.acked()).saturating_add(1);
+        let mut out = Vec::new();
+        let mut total = 0usize;
+        let budget_left = |total: usize, n: usize, len: usize| n == 0 || total + len <= max_bytes;
+        while next <= last {
+            let cache_front = self.cache.front().map_or(u64::MAX, |(s, _)| *s);
+            if next >= cache_front {
+                let from = (next - cache_front) as usize;
+                for (seq, frame) in self.cache.iter().skip(from) {
+                    if !budget_left(total, out.len(), frame.len()) {
+                        return Ok(out);
+                    }
+                    total += frame.len();
+                    out.push((*seq, frame.clone()));
+                }
+                return Ok(out);
+            }
+            let hi = last.min(cache_front - 1);
+            let got = self.read_disk(next, hi, max_bytes.saturating_sub(total), out.is_empty())?;
+            if got.is_empty() {
+                return Ok(out);
+            }
+            next = got.last().map_or(next, |(s, _)| s + 1);
+            for (seq, frame) in got {
+                total += frame.len();
+                out.push((seq, frame));
+            }
+            if total >= max_bytes {
+                return Ok(out);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads records `lo..=hi` (at most to the end of `lo`'s segment) from disk, within
+    /// `budget` frame bytes (at least one record if `at_least_one`).
+    fn read_disk(
+        &self,
+        lo: u64,
+        hi: u64,
+        budget: usize,
+        at_least_one: bool,
+    ) -> Result<Vec<(u64, Bytes)>, OutboxError> {
+        let Some(seg) = self
+            .segments
+            .iter()
+            .find(|s| s.first <= lo && lo <= s.end())
+        else {
+            return Ok(Vec::new());
+        };
+        let hi = hi.min(seg.end());
+        // Extend the range record by record within the budget.
+        let mut end = lo;
+        let mut frame_total = 0usize;
+        while end <= hi {
+            let (a, b) = seg.range(end, end);
+            let frame_len = (b - a) as usize - record::HEADER_LEN;
+            if !(end == lo && at_least_one) && frame_total + frame_len > budget {
+                break;
+            }
+            frame_total += frame_len;
+            end += 1;
+        }
+        if end == lo {
+            return Ok(Vec::new());
+        }
+        let (from, to) = seg.range(lo, end - 1);
+        let file = File::open(&seg.path).map_err(io_err("opening", &seg.path))?;
+        let mut buf = vec![0u8; (to - from) as usize];
+        file.read_exact_at(&mut buf, from)
+            .map_err(io_err("reading", &seg.path))?;
+        let data = Bytes::from(buf);
+        let mut out = Vec::with_capacity((end - lo) as usize);
+        for seq in lo..end {
+            let (a, b) = seg.range(seq, seq);
+            let rec = data.slice((a - from) as usize..(b - from) as usize);
+            let corrupt = |reason| OutboxError::Corrupt {
+                path: seg.path.clone(),
+                offset: a,
+                reason,
+            };
+            let head = record::verify(&rec).map_err(|e| corrupt(e.as_str()))?;
+            if head.seq != seq {
+                return Err(corrupt("unexpected sequence number"));
+            }
+            out.push((seq, rec.slice(record::HEADER_LEN..)));
+        }
+        Ok(out)
+    }
+
+    /// The last record appended (acked or not), decoded; `None` if there is none on
+    /// disk (a new stream, or after [`on_welcome`](Self::on_welcome) skipped ahead).
+    /// Used to resume a workload after a restart.
+    pub fn last(&self) -> Result<Option<(u64, RawFrame)>, OutboxError> {
+        let last = self.window.last_assigned();
+        let frame = match self.cache.back() {
+            Some((seq, frame)) if *seq == last => frame.clone(),
+            _ => {
+                let Some(seg) = self.segments.iter().rev().find(|s| !s.starts.is_empty()) else {
+                    return Ok(None);
+                };
+                if seg.end() != last {
+                    return Ok(None);
+                }
+                match self.read_disk(last, last, 0, true)?.pop() {
+                    Some((_, frame)) => frame,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let raw = record::to_raw(&frame).ok_or_else(|| OutboxError::Corrupt {
+            path: self.config.dir.clone(),
+            offset: 0,
+            reason: "frame prefix inconsistent with record length",
+        })?;
+        Ok(Some((last, raw)))
+    }
+
+    /// Flushes appended records to stable storage (`fsync` of the current segment)
+    /// and writes the acked watermark. For [`FsyncPolicy::Periodic`].
+    pub fn sync(&mut self) -> Result<(), OutboxError> {
+        if let (Some(file), Some(seg)) = (&self.active, self.segments.back()) {
+            file.sync_data().map_err(io_err("syncing", &seg.path))?;
+        }
+        self.persist_watermark(false)
+    }
+
+    /// Bytes of records above the acked watermark, from the segment index.
+    fn compute_pending_bytes(&self) -> u64 {
+        let lo = self.window.acked() + 1;
+        self.segments
+            .iter()
+            .filter(|s| !s.starts.is_empty() && s.end() >= lo)
+            .map(|s| s.len - s.starts[lo.saturating_sub(s.first) as usize])
+            .sum()
+    }
+
+    /// Deletes every segment but the last whose records are all acked.
+    fn delete_acked_segments(&mut self) -> Result<(), OutboxError> {
+        let acked = self.window.acked();
+        while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.end() <= acked) {
+            if let Some(seg) = self.segments.front() {
+                remove_segment(seg)?;
+            }
+            self.segments.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Writes the acked watermark (tmp + rename); durably (with `fsync`) if `durable`.
+    fn persist_watermark(&mut self, durable: bool) -> Result<(), OutboxError> {
+        let acked = self.window.acked();
+        if acked == self.persisted_acked && !durable {
+            return Ok(());
+        }
+        write_atomic(
+            &self.config.dir,
+            ACKED_FILE,
+            format!("{acked}\n").as_bytes(),
+            durable,
+        )?;
+        self.persisted_acked = acked;
+        self.acks_since_persist = 0;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A summary: the cache may hold many megabytes.
+        f.debug_struct("Outbox")
+            .field("dir", &self.config.dir)
+            .field("stream_id", &self.stream_id)
+            .field("window", &self.window)
+            .field("pending_bytes", &self.pending_bytes)
+            .field("segments", &self.segments.len())
+            .field("cached_frames", &self.cache.len())
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if let Err(e) = self.persist_watermark(false) {
+            tracing::warn!(error = %e, "cannot write the outbox's acked watermark on close");
+        }
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<Flock<File>, OutboxError> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("opening", &path))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, source)| OutboxError::Locked { path, source })
+}
+
+fn open_append(path: &Path) -> Result<File, OutboxError> {
+    OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(io_err("opening", path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing", dir))
+}
+
+fn remove_segment(seg: &Segment) -> Result<(), OutboxError> {
+    match fs::remove_file(&seg.path) {
+        Ok(()) => {
+            tracing::debug!(path = %seg.path.display(), first = seg.first, "outbox segment deleted");
+            Ok(())
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("deleting", &seg.path)(e)),
+    }
+}
+
+/// Writes `dir/name` atomically: a temporary file renamed over it.
+fn write_atomic(dir: &Path, name: &str, contents: &[u8], durable: bool) -> Result<(), OutboxError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    f.write_all(contents).map_err(io_err("writing", &tmp))?;
+    if durable {
+        f.sync_all().map_err(io_err("syncing", &tmp))?;
+    }
+    drop(f);
+    fs::rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
+    if durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Reads the stream id, or creates a new stream (removing records of an unknown one).
+fn load_or_create_stream(dir: &Path) -> Result<String, OutboxError> {
+    let path = dir.join(STREAM_FILE);
+    match fs::read_to_string(&path) {
+        Ok(s) => {
+            let id = s.trim();
+            if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(id.to_ascii_lowercase());
+            }
+            Err(OutboxError::BadStreamId { path })
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            // Records without a stream id cannot be sent to anyone: clear them first.
+            for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+                let entry = entry.map_err(io_err("listing", dir))?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if parse_segment_name(&name).is_some() || name == ACKED_FILE {
+                    tracing::warn!(file = %name, "removing outbox file of an unknown stream");
+                    fs::remove_file(entry.path()).map_err(io_err("deleting", &entry.path()))?;
+                }
+            }
+            let id = format!("{:032x}", rand::random::<u128>());
+            write_atomic(dir, STREAM_FILE, format!("{id}\n").as_bytes(), true)?;
+            tracing::info!(stream = %id, "new outbox stream");
+            Ok(id)
+        }
+        Err(e) => Err(io_err("reading", &path)(e)),
+    }
+}
+
+/// The persisted watermark; 0 when missing or unreadable (only causes resends).
+fn read_watermark(dir: &Path) -> u64 {
+    let path = dir.join(ACKED_FILE);
+    match fs::read_to_string(&path) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&n| n <= MAX_SEQ)
+            .unwrap_or_else(|| {
+                tracing::warn!(path = %path.display(), "ignoring damaged outbox watermark");
+                0
+            }),
+        Err(e) => {
+            if e.kind() != ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read outbox watermark");
+            }
+            0
+        }
+    }
+}
+
+/// Scans every segment, truncates damaged tails, and cuts the chain where numbering
+/// is not continuous (keeping the earlier records).
+fn recover_segments(dir: &Path) -> Result<VecDeque<Segment>, OutboxError> {
+    let mut firsts = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let entry = entry.map_err(io_err("listing", dir))?;
+        if let Some(first) = entry.file_name().to_str().and_then(parse_segment_name) {
+            firsts.push(first);
+        }
+    }
+    firsts.sort_unstable();
+    let mut segments: VecDeque<Segment> = VecDeque::new();
+    let mut cut = false;
+    for first in firsts {
+        let mut seg = Segment::new(dir, first);
+        if cut {
+            remove_segment(&seg)?;
+            continue;
+        }
+        let prev_end = segments.back().map(Segment::end);
+        if let Some(prev_end) = prev_end.filter(|&e| e + 1 != first) {
+            if prev_end >= first {
+                tracing::error!(path = %seg.path.display(), "outbox segments overlap; dropping this and later segments");
+            } else {
+                tracing::error!(
+                    path = %seg.path.display(),
+                    missing_from = prev_end + 1,
+                    missing_to = first - 1,
+                    "outbox records missing; dropping this and later segments"
+                );
+            }
+            cut = true;
+            remove_segment(&seg)?;
+            continue;
+        }
+        scan_segment(&mut seg)?;
+        segments.push_back(seg);
+    }
+    Ok(segments)
+}
+
+/// Reads a segment, indexing its valid records and truncating whatever follows them.
+fn scan_segment(seg: &mut Segment) -> Result<(), OutboxError> {
+    let path = seg.path.clone();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("opening", &path))?;
+    let file_len = file.metadata().map_err(io_err("reading", &path))?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, &file);
+    let mut offset = 0u64;
+    let mut rec = Vec::new();
+    let mut reason = None;
+    loop {
+        if offset == file_len {
+            break;
+        }
+        let mut head = [0u8; record::HEADER_LEN];
+        if let Err(e) = reader.read_exact(&mut head) {
+            if e.kind() == ErrorKind::UnexpectedEof {
+                reason = Some("torn record header");
+                break;
+            }
+            return Err(io_err("reading", &path)(e));
+        }
+        let Some(h) = record::Head::parse(&head) else {
+            reason = Some(record::Invalid::Length.as_str());
+            break;
+        };
+        if offset + h.record_len() > file_len {
+            reason = Some("torn record");
+            break;
+        }
+        rec.clear();
+        rec.extend_from_slice(&head);
+        rec.resize(record::HEADER_LEN + h.frame_len, 0);
+        reader
+            .read_exact(&mut rec[record::HEADER_LEN..])
+            .map_err(io_err("reading", &path))?;
+        if let Err(e) = record::verify(&rec) {
+            reason = Some(e.as_str());
+            break;
+        }
+        let expected = seg.first + seg.starts.len() as u64;
+        if h.seq != expected {
+            reason = Some("unexpected sequence number");
+            break;
+        }
+        seg.starts.push(offset);
+        offset += h.record_len();
+    }
+    seg.len = offset;
+    if let Some(reason) = reason {
+        tracing::warn!(
+            path = %path.display(),
+            offset,
+            dropped_bytes = file_len - offset,
+            reason,
+            "truncating damaged outbox tail"
+        );
+        drop(reader);
+        file.set_len(offset).map_err(io_err("truncating", &path))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
