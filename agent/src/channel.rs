@@ -533,7 +533,7 @@ async fn session(
         (ob.stream_id().to_owned(), ob.window())
     };
     let mut c = connect(config, stream, window, attempts, true).await?;
-    shared.ack(c.acked)?;
+    shared.on_welcome(c.acked)?;
     info!(agent = %c.agent, tls = c.tls, acked = c.acked, pending = shared.outbox().pending_count(), "session established");
     let _ = status.send(ChannelStatus::Connected {
         agent: c.agent.clone(),

@@ -16,7 +16,6 @@ pub mod sender;
 pub mod telemetry;
 pub mod workload;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -100,12 +99,10 @@ pub fn open_outbox(args: &AgentArgs) -> Result<Outbox, AgentError> {
     } else {
         FsyncPolicy::Periodic
     };
-    Ok(Outbox::open(OutboxConfig {
-        dir: args.state_dir.join("outbox"),
-        max_bytes: args.outbox_max_bytes,
-        fsync,
-        ..OutboxConfig::default()
-    })?)
+    let mut config = OutboxConfig::new(args.state_dir.join("outbox"));
+    config.max_bytes = args.outbox_max_bytes;
+    config.fsync = fsync;
+    Ok(Outbox::open(config)?)
 }
 
 /// Runs the agent until it is told to stop (or, with `--exit-when-drained`, until its

@@ -83,6 +83,16 @@ impl Shared {
         Ok(released)
     }
 
+    /// Applies the server's `welcome.acked` at the start of a session (it may also move
+    /// the numbering past what the server has, see [`Outbox::on_welcome`]).
+    pub(crate) fn on_welcome(&self, acked: u64) -> Result<u64, OutboxError> {
+        let released = self.outbox().on_welcome(acked)?;
+        if released > 0 {
+            self.released.notify_waiters();
+        }
+        Ok(released)
+    }
+
     /// Takes the latency samples collected so far.
     pub fn take_latency_samples(&self) -> Vec<Duration> {
         match &self.probe {

@@ -464,7 +464,14 @@ impl AgentSession {
                         }
                         .into());
                     }
-                    self.window.on_ack(*acked)?;
+                    if *acked > self.window.last_assigned() {
+                        // The server stored more of this stream than we remember
+                        // assigning (local records lost in a power loss): continue
+                        // numbering after its watermark so no number is reused.
+                        self.window = SendWindow::resume(*acked, *acked);
+                    } else {
+                        self.window.on_ack(*acked)?;
+                    }
                     self.state = AgentState::Established { version: *version };
                     Ok(AgentEvent::Welcome {
                         version: *version,

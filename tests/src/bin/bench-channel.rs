@@ -71,11 +71,9 @@ async fn main() -> anyhow::Result<()> {
     let server = nbserver::start(config).await?;
     let token = nbserver::cli::create_token(&server.state.store, "bench", Duration::from_secs(600)).await?;
 
-    let outbox = Outbox::open(OutboxConfig {
-        dir: tmp.path().join("agent/outbox"),
-        fsync: FsyncPolicy::Periodic,
-        ..OutboxConfig::default()
-    })?;
+    let mut oc = OutboxConfig::new(tmp.path().join("agent/outbox"));
+    oc.fsync = FsyncPolicy::Periodic;
+    let outbox = Outbox::open(oc)?;
     let shared = Shared::new(outbox, true);
     let sender = Sender::new(shared.clone());
     let (cmd_tx, _cmd_rx) = mpsc::channel(16);
