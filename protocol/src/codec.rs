@@ -159,7 +159,11 @@ pub fn encode_raw(header: &[u8], payload: &[u8], dst: &mut BytesMut) {
 }
 
 /// Returns an error if a frame with these sizes would be refused by a peer using `limits`.
-pub fn check_limits(header_len: usize, payload_len: usize, limits: Limits) -> Result<(), FrameError> {
+pub fn check_limits(
+    header_len: usize,
+    payload_len: usize,
+    limits: Limits,
+) -> Result<(), FrameError> {
     let h = u32::try_from(header_len).unwrap_or(u32::MAX);
     let p = u32::try_from(payload_len).unwrap_or(u32::MAX);
     if h > limits.max_header {
@@ -245,6 +249,7 @@ impl FrameDecoder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unit tests: a panic is the failure report
 mod tests {
     use super::*;
     use crate::Message;

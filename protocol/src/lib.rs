@@ -26,8 +26,8 @@ pub use message::{
     FileEntry, FileKind, FileRoot, KernelState, Message, OutputContent,
 };
 pub use session::{
-    AgentEvent, AgentSession, AgentState, Receipt, ReceiveLog, SendWindow, SeqError,
-    ServerEvent, ServerSession, ServerState, SessionError,
+    AgentEvent, AgentSession, AgentState, Receipt, ReceiveLog, SendWindow, SeqError, ServerEvent,
+    ServerSession, ServerState, SessionError,
 };
 pub use version::{SUPPORTED, VersionError, VersionRange, negotiate};
 

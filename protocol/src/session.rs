@@ -501,6 +501,7 @@ impl AgentSession {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unit tests: a panic is the failure report
 mod tests {
     use super::*;
     use crate::message::{Envelope, OutputContent};
@@ -544,7 +545,10 @@ mod tests {
     #[test]
     fn server_dedups_and_refuses_gaps() {
         let mut s = ServerSession::new(SUPPORTED);
-        assert_eq!(s.on_frame(&hello()).unwrap(), ServerEvent::Hello { version: 1 });
+        assert_eq!(
+            s.on_frame(&hello()).unwrap(),
+            ServerEvent::Hello { version: 1 }
+        );
         s.established(1, 5);
         assert_eq!(
             s.on_frame(&output(3)).unwrap(),

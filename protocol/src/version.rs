@@ -62,13 +62,20 @@ pub fn negotiate(offered: VersionRange, supported: VersionRange) -> Result<u16, 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unit tests: a panic is the failure report
 mod tests {
     use super::*;
 
     #[test]
     fn picks_highest_common() {
-        assert_eq!(negotiate(VersionRange::new(1, 5), VersionRange::new(2, 3)), Ok(3));
-        assert_eq!(negotiate(VersionRange::new(3, 3), VersionRange::new(1, 9)), Ok(3));
+        assert_eq!(
+            negotiate(VersionRange::new(1, 5), VersionRange::new(2, 3)),
+            Ok(3)
+        );
+        assert_eq!(
+            negotiate(VersionRange::new(3, 3), VersionRange::new(1, 9)),
+            Ok(3)
+        );
     }
 
     #[test]

@@ -152,7 +152,8 @@ fn first_connection() -> Vec<Line> {
                         name: "fuse_mount".into(),
                         enabled: false,
                         detail: "/dev/fuse is missing".into(),
-                        how_to_enable: "run the container with --device /dev/fuse and CAP_SYS_ADMIN".into(),
+                        how_to_enable:
+                            "run the container with --device /dev/fuse and CAP_SYS_ADMIN".into(),
                     },
                 ],
             },
@@ -247,8 +248,22 @@ fn second_connection() -> Vec<Line> {
         line("agent", Some(7), output_image(), b""),
         line("agent", Some(8), cell_finished(), b""),
         line("server", None, Message::Ack { upto: 8 }, b""),
-        line("agent", None, Message::Heartbeat { sent_ms: 1_767_225_615_000 }, b""),
-        line("server", None, Message::Heartbeat { sent_ms: 1_767_225_615_004 }, b""),
+        line(
+            "agent",
+            None,
+            Message::Heartbeat {
+                sent_ms: 1_767_225_615_000,
+            },
+            b"",
+        ),
+        line(
+            "server",
+            None,
+            Message::Heartbeat {
+                sent_ms: 1_767_225_615_004,
+            },
+            b"",
+        ),
         line(
             "agent",
             None,
@@ -274,7 +289,13 @@ fn hex_dump() -> String {
         let hex: Vec<String> = row.iter().map(|b| format!("{b:02x}")).collect();
         let text: String = row
             .iter()
-            .map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' })
+            .map(|&b| {
+                if (0x20..0x7f).contains(&b) {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
             .collect();
         out.push_str(&format!("{:08x}  {:<47}  {text}\n", i * 16, hex.join(" ")));
     }
@@ -316,7 +337,10 @@ fn document_contains_the_generated_example() {
         assert!(DOC.contains(&h), "docs/protocol.md lacks the header\n{h}");
     }
     for row in hex_dump().lines() {
-        assert!(DOC.contains(row), "docs/protocol.md lacks the hex row\n{row}");
+        assert!(
+            DOC.contains(row),
+            "docs/protocol.md lacks the hex row\n{row}"
+        );
     }
     assert!(DOC.contains(&blob_hash()));
 }
@@ -327,7 +351,10 @@ fn document_lists_every_message_type_and_error_code() {
         assert!(DOC.contains(&format!("| `{t}` |")), "catalogue lacks `{t}`");
     }
     for c in common::all_error_codes() {
-        assert!(DOC.contains(&format!("| `{c}` |")), "error table lacks `{c}`");
+        assert!(
+            DOC.contains(&format!("| `{c}` |")),
+            "error table lacks `{c}`"
+        );
     }
     for k in common::all_output_kinds() {
         assert!(DOC.contains(&format!("`{k}`")), "output kinds lack `{k}`");
@@ -357,7 +384,10 @@ fn the_worked_example_is_accepted_by_the_state_machines() {
             "agent" => {
                 server.on_frame(&l.frame).expect("server accepts");
             }
-            _ => assert_eq!(agent.on_frame(&l.frame).expect("agent accepts"), AgentEvent::Enrolled),
+            _ => assert_eq!(
+                agent.on_frame(&l.frame).expect("agent accepts"),
+                AgentEvent::Enrolled
+            ),
         }
     }
 

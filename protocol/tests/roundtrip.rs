@@ -120,7 +120,10 @@ fn every_type_has_a_generator() {
         }
     }
     let missing: Vec<_> = all.difference(&seen).collect();
-    assert!(missing.is_empty(), "no generator for message types {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "no generator for message types {missing:?}"
+    );
     let unknown: Vec<_> = seen.difference(&all).collect();
     assert!(unknown.is_empty(), "kind() names unknown types {unknown:?}");
 }
@@ -142,7 +145,11 @@ fn example_table_covers_every_type_once() {
 #[test]
 fn error_code_display_matches_its_wire_name() {
     let codes = all_error_codes();
-    assert_eq!(codes.len(), 14, "update docs/protocol.md for new codes: {codes:?}");
+    assert_eq!(
+        codes.len(),
+        14,
+        "update docs/protocol.md for new codes: {codes:?}"
+    );
     for name in codes {
         let code: ErrorCode =
             serde_json::from_value(serde_json::Value::String(name.clone())).expect("parse");
@@ -166,8 +173,8 @@ fn table_of_examples_round_trips() {
             msg: ex.msg,
         };
         let json = serde_json::to_string(&envelope).expect("serialise");
-        let back: Envelope = serde_json::from_str(&json)
-            .unwrap_or_else(|e| panic!("{kind}: {e}\nheader: {json}"));
+        let back: Envelope =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{kind}: {e}\nheader: {json}"));
         assert_eq!(back, envelope, "{kind}: header {json}");
 
         let frame = Frame {
@@ -206,7 +213,11 @@ fn unknown_type_and_unknown_envelope_field_are_refused_unknown_message_field_ign
         payload: bytes::Bytes::new(),
     };
     assert_eq!(
-        extra_message_field.parse().expect("forward compatible").envelope.msg,
+        extra_message_field
+            .parse()
+            .expect("forward compatible")
+            .envelope
+            .msg,
         Message::Ack { upto: 1 }
     );
 }
@@ -219,7 +230,12 @@ fn limit_boundaries_are_inclusive() {
     let mut buf = BytesMut::new();
     buf.put_u32(limits.max_header);
     buf.put_u32(limits.max_payload);
-    assert!(FrameDecoder::new(limits).decode(&mut buf).expect("at limit").is_none());
+    assert!(
+        FrameDecoder::new(limits)
+            .decode(&mut buf)
+            .expect("at limit")
+            .is_none()
+    );
 
     for (h, p, want) in [
         (limits.max_header + 1, 0, "header_too_large"),
@@ -230,7 +246,9 @@ fn limit_boundaries_are_inclusive() {
         buf.put_u32(h);
         buf.put_u32(p);
         let cap = buf.capacity();
-        let err = FrameDecoder::new(limits).decode(&mut buf).expect_err("refused");
+        let err = FrameDecoder::new(limits)
+            .decode(&mut buf)
+            .expect_err("refused");
         assert_eq!(error_name(&err), want);
         assert_eq!(buf.capacity(), cap, "no allocation for a refused frame");
         assert_eq!(buf.len(), PREFIX_LEN, "refusal consumes nothing");
@@ -409,7 +427,9 @@ proptest! {
 #[test]
 fn tls_client_hello_is_recognised_at_any_length() {
     // The first bytes of a real TLS 1.2/1.3 ClientHello record.
-    let hello = [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+    let hello = [
+        0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
     for n in 1..=hello.len() {
         let mut buf = BytesMut::from(&hello[..n]);
         let err = FrameDecoder::default().decode(&mut buf).expect_err("tls");

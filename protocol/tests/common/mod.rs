@@ -39,7 +39,10 @@ pub fn all_message_types() -> BTreeSet<String> {
     let err = serde_json::from_str::<Message>(r#"{"type":"__no_such_type__"}"#)
         .expect_err("an unknown type must be refused");
     let kinds = variants_from_serde_error(&err.to_string());
-    assert!(kinds.len() > 20, "suspiciously few message types: {kinds:?}");
+    assert!(
+        kinds.len() > 20,
+        "suspiciously few message types: {kinds:?}"
+    );
     kinds
 }
 
@@ -184,13 +187,13 @@ fn output_content() -> impl Strategy<Value = OutputContent> {
                 display_id,
             }
         }),
-        (any::<u64>(), json_value(), json_value()).prop_map(
-            |(execution_count, data, metadata)| OutputContent::ExecuteResult {
+        (any::<u64>(), json_value(), json_value()).prop_map(|(execution_count, data, metadata)| {
+            OutputContent::ExecuteResult {
                 execution_count,
                 data,
-                metadata
+                metadata,
             }
-        ),
+        }),
         (text(), text(), prop::collection::vec(text(), 0..4)).prop_map(
             |(ename, evalue, traceback)| OutputContent::Error {
                 ename,
@@ -238,15 +241,22 @@ pub fn message() -> BoxedStrategy<Message> {
                 not_after,
             }
         ),
-        (versions(), text(), text(), prop::option::of(text()), any::<u64>()).prop_map(
-            |(versions, stream, software, token, received)| Message::Hello {
-                versions,
-                stream,
-                software,
-                token,
-                received,
-            }
-        ),
+        (
+            versions(),
+            text(),
+            text(),
+            prop::option::of(text()),
+            any::<u64>()
+        )
+            .prop_map(
+                |(versions, stream, software, token, received)| Message::Hello {
+                    versions,
+                    stream,
+                    software,
+                    token,
+                    received,
+                }
+            ),
         (
             any::<u16>(),
             text(),
@@ -282,8 +292,11 @@ pub fn message() -> BoxedStrategy<Message> {
             }
         }),
         text().prop_map(|reason| Message::Goodbye { reason }),
-        (text(), text(), text())
-            .prop_map(|(request, cell, code)| Message::ExecuteCell { request, cell, code }),
+        (text(), text(), text()).prop_map(|(request, cell, code)| Message::ExecuteCell {
+            request,
+            cell,
+            code
+        }),
         (
             text(),
             prop::collection::vec((text(), text()), 0..4),
@@ -299,11 +312,14 @@ pub fn message() -> BoxedStrategy<Message> {
             }),
         text().prop_map(|request| Message::Interrupt { request }),
         text().prop_map(|request| Message::RestartKernel { request }),
-        (text(), any::<u64>())
-            .prop_map(|(reason, deadline_ms)| Message::Shutdown { reason, deadline_ms }),
+        (text(), any::<u64>()).prop_map(|(reason, deadline_ms)| Message::Shutdown {
+            reason,
+            deadline_ms
+        }),
         prop::collection::vec(feature(), 0..4)
             .prop_map(|features| Message::Capabilities { features }),
-        (kernel_state(), text()).prop_map(|(state, detail)| Message::KernelStatus { state, detail }),
+        (kernel_state(), text())
+            .prop_map(|(state, detail)| Message::KernelStatus { state, detail }),
         (
             prop::option::of(any::<i32>()),
             prop::option::of(any::<i32>()),
@@ -435,16 +451,23 @@ pub fn message() -> BoxedStrategy<Message> {
             any::<u64>(),
             any::<u32>()
         )
-            .prop_map(|(request, root, path, version, offset, len)| Message::FileRead {
+            .prop_map(
+                |(request, root, path, version, offset, len)| Message::FileRead {
+                    request,
+                    root,
+                    path,
+                    version,
+                    offset,
+                    len,
+                }
+            ),
+        (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(request, offset, eof)| {
+            Message::FileData {
                 request,
-                root,
-                path,
-                version,
                 offset,
-                len,
-            }),
-        (any::<u64>(), any::<u64>(), any::<bool>())
-            .prop_map(|(request, offset, eof)| Message::FileData { request, offset, eof }),
+                eof,
+            }
+        }),
     ]
     .boxed()
 }

@@ -163,7 +163,10 @@ pub fn decode(stream: &[u8], chunks: &[usize], limits: Limits) -> (Vec<RawFrame>
                 }
                 Err(e) => {
                     assert_eq!(buf.capacity(), cap_before, "allocated for a refused frame");
-                    assert!(!matches!(e, FrameError::BadHeader(_) | FrameError::Truncated { .. }));
+                    assert!(!matches!(
+                        e,
+                        FrameError::BadHeader(_) | FrameError::Truncated { .. }
+                    ));
                     return (frames, Outcome::Failed(name(&e)));
                 }
             }
