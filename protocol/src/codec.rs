@@ -249,6 +249,7 @@ impl FrameDecoder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unit tests: a panic is the failure report
 mod tests {
     use super::*;
     use crate::Message;

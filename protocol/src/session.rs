@@ -514,6 +514,7 @@ impl AgentSession {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unit tests: a panic is the failure report
 mod tests {
     use super::*;
     use crate::message::{Envelope, OutputContent};

@@ -62,6 +62,7 @@ pub fn negotiate(offered: VersionRange, supported: VersionRange) -> Result<u16, 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // unit tests: a panic is the failure report
 mod tests {
     use super::*;
 
