@@ -206,13 +206,11 @@ pub async fn run(
                 attempt = 0;
             }
             Err(e) => {
-                let stuck = matches!(
-                    e,
-                    ChannelError::NoToken | ChannelError::Config(_)
-                ) || matches!(
-                    e.refused_code(),
-                    Some(ErrorCode::UnsupportedVersion | ErrorCode::PlaintextRefused)
-                );
+                let stuck = matches!(e, ChannelError::NoToken | ChannelError::Config(_))
+                    || matches!(
+                        e.refused_code(),
+                        Some(ErrorCode::UnsupportedVersion | ErrorCode::PlaintextRefused)
+                    );
                 if stuck {
                     error!(error = %e, "cannot connect without operator action; retrying slowly");
                     let _ = status.send(ChannelStatus::Stuck(e.to_string()));
@@ -349,7 +347,12 @@ pub async fn enroll(config: &ChannelConfig, token: &str) -> Result<Identity, Cha
             not_after,
             ..
         } => {
-            let id = Identity::store(&config.identity_dir, key.as_str(), &certificate_pem, &ca_pem)?;
+            let id = Identity::store(
+                &config.identity_dir,
+                key.as_str(),
+                &certificate_pem,
+                &ca_pem,
+            )?;
             info!(%agent, not_after, "enrolled with the server");
             Ok(id)
         }
@@ -543,7 +546,15 @@ async fn session(
         maybe_renew(id, &mut c.wr).await?;
     }
     pump(
-        config, shared, commands, c.reader, c.wr, c.proto, c.heartbeat, c.acked, shutdown,
+        config,
+        shared,
+        commands,
+        c.reader,
+        c.wr,
+        c.proto,
+        c.heartbeat,
+        c.acked,
+        shutdown,
     )
     .await
 }
@@ -555,14 +566,14 @@ fn data_trust(config: &ChannelConfig, id: &Identity) -> ServerTrust {
     }
 }
 
-async fn maybe_renew<W: AsyncWrite + Unpin>(
-    id: &Identity,
-    wr: &mut W,
-) -> Result<(), ChannelError> {
+async fn maybe_renew<W: AsyncWrite + Unpin>(id: &Identity, wr: &mut W) -> Result<(), ChannelError> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if id.needs_renewal(now) {
         let csr_pem = id.renewal_csr()?;
-        info!(not_after = id.not_after(), "client certificate is past two thirds of its life; renewing");
+        info!(
+            not_after = id.not_after(),
+            "client certificate is past two thirds of its life; renewing"
+        );
         write_frame(wr, &Frame::control(Message::RenewCertificate { csr_pem })).await?;
     }
     Ok(())
@@ -697,7 +708,10 @@ mod tests {
             let d = b.delay(attempt);
             let full = (Duration::from_millis(100) * 2u32.saturating_pow(attempt.min(20)))
                 .min(Duration::from_secs(5));
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?} vs {full:?}");
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d:?} vs {full:?}"
+            );
         }
     }
 

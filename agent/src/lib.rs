@@ -201,7 +201,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
     if drain_first {
         let deadline = args.drain();
-        if tokio::time::timeout(deadline, shared.drained()).await.is_err() {
+        if tokio::time::timeout(deadline, shared.drained())
+            .await
+            .is_err()
+        {
             warn!(
                 pending = shared.outbox().pending_count(),
                 "drain deadline passed; unacknowledged messages stay in the outbox for the next start"

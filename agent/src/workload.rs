@@ -88,11 +88,10 @@ impl Workload {
     /// The whole plan, in order.
     pub fn plan(&self) -> Vec<Item> {
         let mut plan = Vec::new();
-        let every = if self.blobs == 0 {
-            u64::MAX
-        } else {
-            (self.outputs / self.blobs).max(1)
-        };
+        let every = self
+            .outputs
+            .checked_div(self.blobs)
+            .map_or(u64::MAX, |n| n.max(1));
         let mut blob = 0;
         for i in 0..self.outputs {
             plan.push(Item::Output(i));
@@ -142,7 +141,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Builds the message (and payload) for one item. `cache` keeps the current blob so
 /// its chunks are not regenerated.
-pub fn message(w: &Workload, item: Item, cache: &mut Option<(u64, Bytes, String)>) -> (Message, Bytes) {
+pub fn message(
+    w: &Workload,
+    item: Item,
+    cache: &mut Option<(u64, Bytes, String)>,
+) -> (Message, Bytes) {
     let blob = |b: u64, cache: &mut Option<(u64, Bytes, String)>| -> (Bytes, String) {
         if let Some((i, bytes, hash)) = cache
             && *i == b

@@ -42,7 +42,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Waits for at least one whole frame and appends every whole frame already
     /// received (at most `max`) to `out`. Returns `false` at a clean end of stream
     /// (no partial frame pending) with nothing appended.
-    pub async fn read_batch(&mut self, out: &mut Vec<RawFrame>, max: usize) -> Result<bool, IoError> {
+    pub async fn read_batch(
+        &mut self,
+        out: &mut Vec<RawFrame>,
+        max: usize,
+    ) -> Result<bool, IoError> {
         let start = out.len();
         loop {
             while out.len() - start < max {

@@ -22,12 +22,22 @@ use crate::store::{NewToken, Store};
 #[command(name = "nbserver", version, about, long_about)]
 pub struct Cli {
     /// Data directory: database, blobs, certificate authority.
-    #[arg(long, global = true, env = "NBSERVER_DATA_DIR", default_value = "nbserver-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "NBSERVER_DATA_DIR",
+        default_value = "nbserver-data"
+    )]
     pub data_dir: PathBuf,
 
     /// Database URL (`postgres://...` or `sqlite://...`) [default: SQLite file in the
     /// data directory].
-    #[arg(long, global = true, env = "NBSERVER_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "NBSERVER_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
 
     /// Log format.
@@ -132,8 +142,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.agent_cert_validity = Duration::from_secs(a.agent_cert_secs);
             config.heartbeat = Duration::from_millis(a.heartbeat_ms.max(100));
             config.max_payload = a.max_payload;
-            let server = crate::start(config).await.context("cannot start the server")?;
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let server = crate::start(config)
+                .await
+                .context("cannot start the server")?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -142,7 +155,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             server.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token(TokenCommand::Create { ref agent, ttl_secs }) => {
+        Command::Token(TokenCommand::Create {
+            ref agent,
+            ttl_secs,
+        }) => {
             let store = open_store(&cli).await?;
             let token = create_token(&store, agent, Duration::from_secs(ttl_secs)).await?;
             println!("{token}");
@@ -150,8 +166,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::ResetSecrets => {
             let pki = cli.data_dir.join("pki");
-            let ca = CertificateAuthority::reset(&pki).context("cannot reset the certificate authority")?;
-            println!("new certificate authority: {}", pki.join("ca.crt").display());
+            let ca = CertificateAuthority::reset(&pki)
+                .context("cannot reset the certificate authority")?;
+            println!(
+                "new certificate authority: {}",
+                pki.join("ca.crt").display()
+            );
             println!("sha256 fingerprint: {}", ca.fingerprint());
             println!(
                 "every agent must now enrol again: give each a new token \
@@ -249,11 +269,20 @@ async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let mut config = ServerConfig::new(data_dir.clone(), "127.0.0.1:0".parse()?);
     config.database_url = cli.database_url.clone();
-    let server = crate::start(config).await.context("cannot start the server")?;
+    let server = crate::start(config)
+        .await
+        .context("cannot start the server")?;
     let token = create_token(&server.state.store, "demo-agent", Duration::from_secs(600)).await?;
-    println!("== nbserver listening on {} (data in {})", server.addr, data_dir.display());
+    println!(
+        "== nbserver listening on {} (data in {})",
+        server.addr,
+        data_dir.display()
+    );
     println!("== enrolment token created for agent 'demo-agent' (single use, 10 min)");
-    println!("== starting nbagent: enrol, mutual TLS, stream workload {}", a.workload);
+    println!(
+        "== starting nbagent: enrol, mutual TLS, stream workload {}",
+        a.workload
+    );
     let started = std::time::Instant::now();
     let status = tokio::process::Command::new(&agent_bin)
         .arg("--server")
@@ -273,10 +302,16 @@ async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     if !status.success() {
         bail!("nbagent failed: {status}");
     }
-    println!("== agent finished in {:.2}s; the server stored:", elapsed.as_secs_f64());
+    println!(
+        "== agent finished in {:.2}s; the server stored:",
+        elapsed.as_secs_f64()
+    );
     print_summary(&server.state.store, &data_dir, 3).await?;
     let blobs = server.state.store.blob_count().await?;
-    println!("== blobs verified and stored: {blobs} (in {})", data_dir.join("blobs").display());
+    println!(
+        "== blobs verified and stored: {blobs} (in {})",
+        data_dir.join("blobs").display()
+    );
     server.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -285,7 +320,9 @@ async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    let fmt = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
     let _ = if format == LogFormat::Json {
         fmt.json().try_init()
     } else {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use nbagent_protocol::io::{FrameReader, IoError, write_frame};
 use nbagent_protocol::{
-    ErrorCode, Frame, Limits, Message, RawFrame, Receipt, ServerEvent, ServerSession,
-    SessionError, SUPPORTED,
+    ErrorCode, Frame, Limits, Message, RawFrame, Receipt, SUPPORTED, ServerEvent, ServerSession,
+    SessionError,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
@@ -75,13 +75,13 @@ where
     let mut session = ServerSession::new(SUPPORTED);
 
     // The first frame decides: enrolment or data session.
-    let first = match tokio::time::timeout(state.config.handshake_timeout, reader.read_frame()).await
-    {
-        Err(_) => return Err(ConnError::Timeout(state.config.handshake_timeout)),
-        Ok(Err(e)) => return Err(refuse_io(&mut wr, e).await),
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Ok(Some(f))) => f,
-    };
+    let first =
+        match tokio::time::timeout(state.config.handshake_timeout, reader.read_frame()).await {
+            Err(_) => return Err(ConnError::Timeout(state.config.handshake_timeout)),
+            Ok(Err(e)) => return Err(refuse_io(&mut wr, e).await),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(f))) => f,
+        };
     let frame = match first.parse() {
         Ok(f) => f,
         Err(e) => return Err(refuse(&mut wr, ErrorCode::MalformedFrame, e.to_string()).await),
@@ -94,7 +94,10 @@ where
         (
             ServerEvent::Enroll { version },
             Message::Enroll {
-                token, csr_pem, software, ..
+                token,
+                csr_pem,
+                software,
+                ..
             },
         ) => enroll(&mut wr, &peer, &state, version, &token, &csr_pem, &software).await,
         (
@@ -112,7 +115,12 @@ where
             )
             .await
         }
-        _ => Err(refuse(&mut wr, ErrorCode::UnexpectedMessage, "expected hello or enroll".into()).await),
+        _ => Err(refuse(
+            &mut wr,
+            ErrorCode::UnexpectedMessage,
+            "expected hello or enroll".into(),
+        )
+        .await),
     }
 }
 
@@ -183,7 +191,12 @@ async fn enroll<W: AsyncWrite + Unpin>(
     let token = match Token::parse(token) {
         Ok(t) => t,
         Err(e) => {
-            return Err(refuse(wr, ErrorCode::TokenUnknown, format!("enrolment token is malformed: {e}")).await);
+            return Err(refuse(
+                wr,
+                ErrorCode::TokenUnknown,
+                format!("enrolment token is malformed: {e}"),
+            )
+            .await);
         }
     };
     let grant = match state
@@ -209,7 +222,14 @@ async fn enroll<W: AsyncWrite + Unpin>(
     };
     let issued = match issued {
         Ok(i) => i,
-        Err(e) => return Err(refuse(wr, ErrorCode::BadCsr, format!("certificate request refused: {e}")).await),
+        Err(e) => {
+            return Err(refuse(
+                wr,
+                ErrorCode::BadCsr,
+                format!("certificate request refused: {e}"),
+            )
+            .await);
+        }
     };
     state
         .store
@@ -236,11 +256,14 @@ fn token_refusal(e: &TokenError) -> (ErrorCode, String) {
     match e {
         TokenError::Unknown => (
             ErrorCode::TokenUnknown,
-            "enrolment token is not known to this server: create one with `nbserver token create`".into(),
+            "enrolment token is not known to this server: create one with `nbserver token create`"
+                .into(),
         ),
         TokenError::Expired { expired_at } => (
             ErrorCode::TokenExpired,
-            format!("enrolment token expired at {expired_at} (unix time): create a new one with `nbserver token create`"),
+            format!(
+                "enrolment token expired at {expired_at} (unix time): create a new one with `nbserver token create`"
+            ),
         ),
         TokenError::AlreadyUsed { used_at, used_by } => (
             ErrorCode::TokenUsed,
@@ -293,7 +316,12 @@ async fn authenticate<W: AsyncWrite + Unpin>(
     let token = match Token::parse(token) {
         Ok(t) => t,
         Err(e) => {
-            return Err(refuse(wr, ErrorCode::TokenUnknown, format!("token is malformed: {e}")).await);
+            return Err(refuse(
+                wr,
+                ErrorCode::TokenUnknown,
+                format!("token is malformed: {e}"),
+            )
+            .await);
         }
     };
     // Legacy agents present their token on every connection. The first use binds it to
@@ -403,7 +431,9 @@ where
         for raw in &frames {
             let frame = match raw.parse() {
                 Ok(f) => f,
-                Err(e) => return Err(refuse(&mut wr, ErrorCode::MalformedFrame, e.to_string()).await),
+                Err(e) => {
+                    return Err(refuse(&mut wr, ErrorCode::MalformedFrame, e.to_string()).await);
+                }
             };
             let event = match session.on_frame(&frame) {
                 Ok(ev) => ev,
@@ -414,12 +444,20 @@ where
                 Err(e) => return Err(refuse(&mut wr, e.code(), e.to_string()).await),
             };
             match event {
-                ServerEvent::Data { seq, receipt: Receipt::New } => {
+                ServerEvent::Data {
+                    seq,
+                    receipt: Receipt::New,
+                } => {
                     let payload_hash = store_payload(state, &agent, &frame, &mut wr).await?;
                     let header = match std::str::from_utf8(&raw.header) {
                         Ok(s) => s.to_owned(),
                         Err(_) => {
-                            return Err(refuse(&mut wr, ErrorCode::MalformedFrame, "header is not UTF-8".into()).await);
+                            return Err(refuse(
+                                &mut wr,
+                                ErrorCode::MalformedFrame,
+                                "header is not UTF-8".into(),
+                            )
+                            .await);
                         }
                     };
                     batch.push(NewMessage {
@@ -431,7 +469,10 @@ where
                     });
                     session.commit(seq);
                 }
-                ServerEvent::Data { receipt: Receipt::Duplicate, seq } => {
+                ServerEvent::Data {
+                    receipt: Receipt::Duplicate,
+                    seq,
+                } => {
                     debug!(%agent, seq, "duplicate dropped");
                     duplicates = true;
                 }
@@ -440,7 +481,12 @@ where
                 }
                 ServerEvent::Goodbye => goodbye = true,
                 ServerEvent::Enroll { .. } | ServerEvent::Hello { .. } => {
-                    return Err(refuse(&mut wr, ErrorCode::UnexpectedMessage, "second handshake in one session".into()).await);
+                    return Err(refuse(
+                        &mut wr,
+                        ErrorCode::UnexpectedMessage,
+                        "second handshake in one session".into(),
+                    )
+                    .await);
                 }
             }
         }
@@ -449,7 +495,12 @@ where
                 Ok(s) => s,
                 Err(e) => {
                     // Nothing of this batch is acknowledged: the agent resends it.
-                    let _ = refuse(&mut wr, ErrorCode::Internal, "storage failed; retry later".into()).await;
+                    let _ = refuse(
+                        &mut wr,
+                        ErrorCode::Internal,
+                        "storage failed; retry later".into(),
+                    )
+                    .await;
                     return Err(e.into());
                 }
             };
@@ -487,12 +538,17 @@ async fn store_payload<W: AsyncWrite + Unpin>(
     let blobs = state.blobs.clone();
     let (uploader, h, payload) = (agent.to_owned(), hash.clone(), frame.payload.clone());
     let (offset, total) = (*offset, *total);
-    let outcome = tokio::task::spawn_blocking(move || blobs.write_chunk(&uploader, &h, offset, total, &payload))
-        .await
-        .map_err(|e| ConnError::Io(IoError::Io(std::io::Error::other(e))))?;
+    let outcome = tokio::task::spawn_blocking(move || {
+        blobs.write_chunk(&uploader, &h, offset, total, &payload)
+    })
+    .await
+    .map_err(|e| ConnError::Io(IoError::Io(std::io::Error::other(e))))?;
     match outcome {
         Ok(ChunkOutcome::Complete { size }) => {
-            state.store.record_blob(hash, size, media_type, now_secs()).await?;
+            state
+                .store
+                .record_blob(hash, size, media_type, now_secs())
+                .await?;
             debug!(%agent, %hash, size, "blob stored");
         }
         Ok(_) => {}

@@ -39,7 +39,9 @@ impl SessionRegistry {
         let fresh = Arc::new(Notify::new());
         let old = match self.live.lock() {
             Ok(mut m) => m.insert(agent.to_owned(), fresh.clone()),
-            Err(poisoned) => poisoned.into_inner().insert(agent.to_owned(), fresh.clone()),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .insert(agent.to_owned(), fresh.clone()),
         };
         if let Some(old) = old {
             old.notify_one();

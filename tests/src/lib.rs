@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: locate and run the real `nbserver` and `nbagent`
 //! binaries as child processes, kill them, and wait for conditions.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -62,8 +64,11 @@ impl Proc {
             .append(true)
             .open(log)
             .expect("log file");
-        cmd.stdout(Stdio::from(f.try_clone().expect("dup"))).stderr(Stdio::from(f));
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        cmd.stdout(Stdio::from(f.try_clone().expect("dup")))
+            .stderr(Stdio::from(f));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         Proc {
             child,
             name: name.to_owned(),
@@ -140,7 +145,10 @@ pub fn create_token(data_dir: &Path, agent: &str, ttl_secs: u64) -> String {
         "token create failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).expect("utf8").trim().to_owned()
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
 }
 
 /// The last `n` lines of a log file, for assertion messages.

@@ -2,6 +2,8 @@
 //! and 50 MB of blobs while the server is SIGKILLed and restarted twice and the agent
 //! once. Every message must be stored exactly once and in order, and nothing else.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -18,7 +20,13 @@ fn agent_cmd(server: &str, state: &Path, ca: &Path, token: &str, w: &str) -> Com
         .arg(state)
         .arg("--server-ca")
         .arg(ca)
-        .args(["--workload", w, "--exit-when-drained", "--max-backoff-secs", "1"])
+        .args([
+            "--workload",
+            w,
+            "--exit-when-drained",
+            "--max-backoff-secs",
+            "1",
+        ])
         .env("NBAGENT_TOKEN", token)
         .env("RUST_LOG", "info");
     cmd
@@ -77,7 +85,10 @@ fn exactly_once_across_server_and_agent_kills() {
         );
         let at = stored(&rt, &data);
         kills.push(at);
-        assert!(at < total, "workload finished before kill {i}: raise the workload");
+        assert!(
+            at < total,
+            "workload finished before kill {i}: raise the workload"
+        );
         if i == 1 {
             agent.kill9();
             agent = Proc::spawn(
@@ -111,7 +122,10 @@ fn exactly_once_across_server_and_agent_kills() {
         let mut after = 0;
         let mut hashes = Vec::new();
         while after < total {
-            let batch = store.messages(&s.agent, &s.stream, after, 5000).await.unwrap();
+            let batch = store
+                .messages(&s.agent, &s.stream, after, 5000)
+                .await
+                .unwrap();
             assert!(!batch.is_empty(), "missing messages after {after}");
             for m in batch {
                 assert_eq!(m.seq, after + 1, "in order, no gaps");
@@ -130,7 +144,7 @@ fn exactly_once_across_server_and_agent_kills() {
             }
         }
         assert_eq!(hashes.len(), 50);
-        let blobs = nbserver::blobs::BlobStore::open(&data.join("blobs")).unwrap();
+        let blobs = nbserver::blobs::BlobStore::open(data.join("blobs")).unwrap();
         for h in &hashes {
             let bytes = blobs.read(h).unwrap();
             assert_eq!(bytes.len(), 1 << 20);

@@ -3,6 +3,8 @@
 //! oversized frames, unsupported versions, and a data session without a certificate.
 //! Real server, real TLS over loopback.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +26,8 @@ struct Env {
 async fn server(force_tls: bool) -> Env {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
-    let mut config = nbserver::ServerConfig::new(dir.join("server"), "127.0.0.1:0".parse().unwrap());
+    let mut config =
+        nbserver::ServerConfig::new(dir.join("server"), "127.0.0.1:0".parse().unwrap());
     config.force_agent_tls = force_tls;
     config.max_payload = 64 * 1024;
     let server = nbserver::start(config).await.unwrap();
@@ -101,7 +104,9 @@ async fn tokens_unknown_replayed_expired_malformed() {
     assert!(msg.contains("malformed"), "{msg}");
 
     let good = env.token("a1", 600).await;
-    let id = channel::enroll(&cfg, &good).await.expect("first use enrols");
+    let id = channel::enroll(&cfg, &good)
+        .await
+        .expect("first use enrols");
     assert_eq!(id.agent_name().as_deref(), Some("a1"));
     let (code, msg) = refused(channel::enroll(&cfg, &good).await);
     assert_eq!(code, ErrorCode::TokenUsed);
@@ -145,7 +150,12 @@ async fn expired_and_foreign_certificates() {
     let other = CertificateAuthority::load_or_create(&env.dir.join("other-ca")).unwrap();
     let (key, csr) = identity::generate_key_and_csr().unwrap();
     let issued = other
-        .sign_agent_csr(&csr, "foreign", Duration::from_secs(3600), time::OffsetDateTime::now_utc())
+        .sign_agent_csr(
+            &csr,
+            "foreign",
+            Duration::from_secs(3600),
+            time::OffsetDateTime::now_utc(),
+        )
         .unwrap();
     Identity::store(&cfg.identity_dir, key.as_str(), &issued.cert_pem, &ca_pem).unwrap();
     let r = tls_refusal(channel::probe(&cfg, "s").await);
@@ -179,12 +189,17 @@ async fn plaintext_refused_when_forced_and_accepted_otherwise() {
 
 /// A raw mutual-TLS connection of an enrolled agent, to send frames the real agent
 /// never would.
-async fn raw_session(env: &Env, name: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+async fn raw_session(
+    env: &Env,
+    name: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let cfg = env.agent(name);
     let token = env.token(name, 600).await;
     let id = channel::enroll(&cfg, &token).await.unwrap();
     let client = identity::client_config(cfg.trust.as_ref().unwrap(), Some(&id)).unwrap();
-    let tcp = tokio::net::TcpStream::connect(env.server.addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
     let sn = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
     tokio_rustls::TlsConnector::from(Arc::clone(&client))
         .connect(sn, tcp)
@@ -192,9 +207,15 @@ async fn raw_session(env: &Env, name: &str) -> tokio_rustls::client::TlsStream<t
         .unwrap()
 }
 
-async fn expect_error<S: tokio::io::AsyncRead + Unpin>(reader: &mut FrameReader<S>) -> (ErrorCode, String) {
+async fn expect_error<S: tokio::io::AsyncRead + Unpin>(
+    reader: &mut FrameReader<S>,
+) -> (ErrorCode, String) {
     loop {
-        let raw = reader.read_frame().await.unwrap().expect("an error frame before close");
+        let raw = reader
+            .read_frame()
+            .await
+            .unwrap()
+            .expect("an error frame before close");
         if let Message::Error { code, message, .. } = raw.parse().unwrap().envelope.msg {
             return (code, message);
         }
@@ -238,7 +259,9 @@ async fn unsupported_version_and_missing_certificate_refused() {
     let s = raw_session(&env, "future").await;
     let (rd, mut wr) = tokio::io::split(s);
     let mut reader = FrameReader::new(rd, Limits::default());
-    write_frame(&mut wr, &hello(VersionRange::new(7, 9))).await.unwrap();
+    write_frame(&mut wr, &hello(VersionRange::new(7, 9)))
+        .await
+        .unwrap();
     wr.flush().await.unwrap();
     let (code, msg) = expect_error(&mut reader).await;
     assert_eq!(code, ErrorCode::UnsupportedVersion);
@@ -247,9 +270,14 @@ async fn unsupported_version_and_missing_certificate_refused() {
     // A TLS connection without a client certificate may enrol but not open a session.
     let cfg = env.agent("anon");
     let client = identity::client_config(cfg.trust.as_ref().unwrap(), None).unwrap();
-    let tcp = tokio::net::TcpStream::connect(env.server.addr).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(env.server.addr)
+        .await
+        .unwrap();
     let sn = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let s = tokio_rustls::TlsConnector::from(client).connect(sn, tcp).await.unwrap();
+    let s = tokio_rustls::TlsConnector::from(client)
+        .connect(sn, tcp)
+        .await
+        .unwrap();
     let (rd, mut wr) = tokio::io::split(s);
     let mut reader = FrameReader::new(rd, Limits::default());
     write_frame(&mut wr, &hello(SUPPORTED)).await.unwrap();

@@ -37,7 +37,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "--outputs" => a.outputs = v.parse()?,
             "--latency-samples" => a.latency_samples = v.parse()?,
             "--blob-mb" => a.blob_mb = v.parse()?,
-            other => anyhow::bail!("unknown flag {other}; flags: --outputs N --latency-samples N --blob-mb N"),
+            other => anyhow::bail!(
+                "unknown flag {other}; flags: --outputs N --latency-samples N --blob-mb N"
+            ),
         }
     }
     Ok(a)
@@ -69,7 +71,8 @@ async fn main() -> anyhow::Result<()> {
     let mut config = nbserver::ServerConfig::new(tmp.path().join("server"), "127.0.0.1:0".parse()?);
     config.heartbeat = Duration::from_secs(5);
     let server = nbserver::start(config).await?;
-    let token = nbserver::cli::create_token(&server.state.store, "bench", Duration::from_secs(600)).await?;
+    let token =
+        nbserver::cli::create_token(&server.state.store, "bench", Duration::from_secs(600)).await?;
 
     let mut oc = OutboxConfig::new(tmp.path().join("agent/outbox"));
     oc.fsync = FsyncPolicy::Periodic;
@@ -93,7 +96,13 @@ async fn main() -> anyhow::Result<()> {
         window_bytes: 16 << 20,
         connect_timeout: Duration::from_secs(10),
     };
-    let chan = tokio::spawn(channel::run(cfg, shared.clone(), cmd_tx, status_tx, stop_rx));
+    let chan = tokio::spawn(channel::run(
+        cfg,
+        shared.clone(),
+        cmd_tx,
+        status_tx,
+        stop_rx,
+    ));
     while !matches!(*status_rx.borrow(), ChannelStatus::Connected { .. }) {
         status_rx.changed().await?;
     }
@@ -167,8 +176,14 @@ async fn main() -> anyhow::Result<()> {
     let blob_mbs = total_blob / 1e6 / blob_time.as_secs_f64();
     let bare_mbs = total_blob / 1e6 / bare.as_secs_f64();
     println!("nbagent channel benchmark (loopback, mutual TLS, outbox on disk, SQLite)");
-    println!("{:<44} {:>14} {:>14} {:>8}", "measure", "nbagent", "baseline", "ratio");
-    println!("{:<44} {:>14.0} {:>14} {:>8}", "outputs/s (flood, append->commit->ack)", ops, "-", "-");
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "measure", "nbagent", "baseline", "ratio"
+    );
+    println!(
+        "{:<44} {:>14.0} {:>14} {:>8}",
+        "outputs/s (flood, append->commit->ack)", ops, "-", "-"
+    );
     println!(
         "{:<44} {:>12.2}ms {:>14} {:>8}",
         "output latency p50 (append -> acked commit)",
@@ -221,7 +236,9 @@ async fn bare_tls(dir: &std::path::Path, bytes: u64) -> anyhow::Result<Duration>
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1")?;
-    let mut s = tokio_rustls::TlsConnector::from(Arc::clone(&client)).connect(name, tcp).await?;
+    let mut s = tokio_rustls::TlsConnector::from(Arc::clone(&client))
+        .connect(name, tcp)
+        .await?;
     let chunk = vec![7u8; CHUNK_SIZE];
     let t = Instant::now();
     let mut sent = 0u64;
