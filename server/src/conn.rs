@@ -331,7 +331,14 @@ async fn authenticate<W: AsyncWrite + Unpin>(
         .consume_token(&token.id, &token.secret_hash(), now_secs(), PLAINTEXT_USER)
         .await
     {
-        Ok(g) => g.agent,
+        Ok(g) => {
+            // Known from now on, without a certificate.
+            state
+                .store
+                .record_agent_cert(&g.agent, PLAINTEXT_USER, 0, now_secs())
+                .await?;
+            g.agent
+        }
         Err(TokenError::AlreadyUsed { used_by, .. }) if used_by == PLAINTEXT_USER => {
             match state
                 .store
