@@ -615,6 +615,7 @@ where
                     in_flight_bytes += bytes.len();
                     sent = *seq;
                 }
+                proto.note_sent(sent);
                 wr.write_all(&out).await.map_err(IoError::from)?;
                 wr.flush().await.map_err(IoError::from)?;
                 last_tx = tokio::time::Instant::now();

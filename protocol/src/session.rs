@@ -115,6 +115,12 @@ impl SendWindow {
         self.last_assigned
     }
 
+    /// Records that numbers up to `seq` were assigned by someone else (a durable
+    /// outbox that numbers its records itself).
+    pub fn note_assigned(&mut self, seq: u64) {
+        self.last_assigned = self.last_assigned.max(seq);
+    }
+
     /// Highest number assigned.
     pub fn last_assigned(&self) -> u64 {
         self.last_assigned
@@ -444,6 +450,12 @@ impl AgentSession {
     /// Assigns the next sequence number for a new data message.
     pub fn assign(&mut self) -> u64 {
         self.window.assign()
+    }
+
+    /// Records that sequence numbers up to `seq` were assigned elsewhere (by a durable
+    /// outbox) and sent: acks up to `seq` become valid.
+    pub fn note_sent(&mut self, seq: u64) {
+        self.window.note_assigned(seq);
     }
 
     /// Interprets one frame from the server.
