@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use nbagent_protocol::io::{FrameReader, IoError, write_frame};
 use nbagent_protocol::{
     AgentEvent, AgentSession, ErrorCode, Frame, Limits, Message, SUPPORTED, SessionError,
@@ -601,22 +600,19 @@ where
     let mut last_tx = tokio::time::Instant::now();
     let mut last_rx = tokio::time::Instant::now();
     let mut frames = Vec::new();
-    let mut out = BytesMut::with_capacity(1 << 20);
     loop {
         // Send what the window allows.
         let room = config.window_bytes.saturating_sub(in_flight_bytes);
         if room > 0 {
-            let batch = shared.outbox().frames_after(sent, room.min(1 << 20))?;
+            let batch = shared.outbox().frames_after(sent, room.min(4 << 20))?;
             if !batch.is_empty() {
-                out.clear();
                 for (seq, bytes) in &batch {
-                    out.extend_from_slice(bytes);
+                    wr.write_all(bytes).await.map_err(IoError::from)?;
                     in_flight.push_back((*seq, bytes.len()));
                     in_flight_bytes += bytes.len();
                     sent = *seq;
                 }
                 proto.note_sent(sent);
-                wr.write_all(&out).await.map_err(IoError::from)?;
                 wr.flush().await.map_err(IoError::from)?;
                 last_tx = tokio::time::Instant::now();
                 continue;

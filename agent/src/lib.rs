@@ -137,9 +137,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                let s = shared.clone();
-                let r = tokio::task::spawn_blocking(move || s.outbox().sync()).await;
-                if let Ok(Err(e)) = r {
+                if let Err(e) = sender::sync_outbox(&shared).await {
                     warn!(error = %e, "outbox fsync failed");
                 }
             }

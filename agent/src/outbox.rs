@@ -718,6 +718,18 @@ impl Outbox {
         self.persist_watermark(false)
     }
 
+    /// A second handle on the active segment, so that a periodic `fsync` can run
+    /// without holding the outbox (appends and sends go on meanwhile). Rotation
+    /// syncs the segment it closes, so the active one is all that needs it.
+    pub fn sync_handle(&self) -> Result<Option<File>, OutboxError> {
+        match (&self.active, self.segments.back()) {
+            (Some(file), Some(seg)) => Ok(Some(
+                file.try_clone().map_err(io_err("duplicating", &seg.path))?,
+            )),
+            _ => Ok(None),
+        }
+    }
+
     /// Bytes of records above the acked watermark, from the segment index.
     fn compute_pending_bytes(&self) -> u64 {
         let lo = self.window.acked() + 1;

@@ -115,6 +115,23 @@ impl Shared {
     }
 }
 
+/// Fsyncs the outbox's active segment without holding the outbox lock, on a blocking
+/// thread: producers and the channel go on meanwhile.
+pub async fn sync_outbox(shared: &Shared) -> Result<(), OutboxError> {
+    let Some(file) = shared.outbox().sync_handle()? else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || file.sync_data())
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| OutboxError::Io {
+            op: "syncing",
+            path: "outbox segment".into(),
+            source,
+        })
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,

@@ -101,6 +101,10 @@ pub struct ServeArgs {
     /// Heartbeat interval announced to agents, milliseconds.
     #[arg(long, env = "NBSERVER_HEARTBEAT_MS", default_value_t = 10_000)]
     pub heartbeat_ms: u64,
+    /// Fsync every completed blob before acknowledging it. Off keeps blobs safe across
+    /// a server crash (the page cache survives it) but not across a power loss.
+    #[arg(long, env = "NBSERVER_FSYNC_BLOBS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fsync_blobs: bool,
     /// Largest frame payload accepted from agents, bytes.
     #[arg(long, env = "NBSERVER_MAX_PAYLOAD", default_value_t = nbagent_protocol::codec::DEFAULT_MAX_PAYLOAD)]
     pub max_payload: u32,
@@ -142,6 +146,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.agent_cert_validity = Duration::from_secs(a.agent_cert_secs);
             config.heartbeat = Duration::from_millis(a.heartbeat_ms.max(100));
             config.max_payload = a.max_payload;
+            config.fsync_blobs = a.fsync_blobs;
             let server = crate::start(config)
                 .await
                 .context("cannot start the server")?;

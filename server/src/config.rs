@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub max_payload: u32,
     /// Largest blob accepted.
     pub max_blob_bytes: u64,
+    /// Fsync each completed blob before acknowledging it (power-loss durability).
+    pub fsync_blobs: bool,
     /// How long a new connection may take to say anything.
     pub handshake_timeout: Duration,
 }
@@ -42,6 +44,7 @@ impl ServerConfig {
             heartbeat: Duration::from_secs(10),
             max_payload: nbagent_protocol::codec::DEFAULT_MAX_PAYLOAD,
             max_blob_bytes: 1 << 30,
+            fsync_blobs: true,
             handshake_timeout: Duration::from_secs(10),
         }
     }

@@ -35,6 +35,9 @@ pub struct Peer {
 /// Largest number of frames handled in one batch (one transaction).
 const MAX_BATCH: usize = 2048;
 
+/// Largest number of bytes gathered into one batch.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
 /// Why a connection ended, for the log.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -432,7 +435,32 @@ where
             }
         }
         last_rx = Instant::now();
+        // Take whatever else has already arrived, so that one transaction and one ack
+        // cover it (cancel-safe: read_batch only awaits before it has decoded a frame).
+        let mut eof = false;
+        let mut bytes: usize = frames.iter().map(RawFrame::wire_len).sum();
+        while frames.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            let before = frames.len();
+            let polled = {
+                let mut more = std::pin::pin!(reader.read_batch(&mut frames, MAX_BATCH - before));
+                std::future::poll_fn(|cx| std::task::Poll::Ready(more.as_mut().poll(cx))).await
+            };
+            match polled {
+                std::task::Poll::Ready(Ok(true)) => {}
+                std::task::Poll::Ready(Ok(false)) => {
+                    eof = true;
+                    break;
+                }
+                std::task::Poll::Ready(Err(e)) => return Err(refuse_io(&mut wr, e).await),
+                std::task::Poll::Pending => break,
+            }
+            bytes += frames[before..]
+                .iter()
+                .map(RawFrame::wire_len)
+                .sum::<usize>();
+        }
         let mut batch: Vec<NewMessage> = Vec::new();
+        let mut chunks: Vec<Chunk> = Vec::new();
         let mut goodbye = false;
         let mut duplicates = false;
         for raw in &frames {
@@ -455,7 +483,24 @@ where
                     seq,
                     receipt: Receipt::New,
                 } => {
-                    let payload_hash = store_payload(state, &agent, &frame, &mut wr).await?;
+                    let payload_hash = match &frame.envelope.msg {
+                        Message::BlobChunk {
+                            hash,
+                            media_type,
+                            offset,
+                            total,
+                        } => {
+                            chunks.push(Chunk {
+                                hash: hash.clone(),
+                                media_type: media_type.clone(),
+                                offset: *offset,
+                                total: *total,
+                                payload: frame.payload.clone(),
+                            });
+                            Some(hash.clone())
+                        }
+                        _ => None,
+                    };
                     let header = match std::str::from_utf8(&raw.header) {
                         Ok(s) => s.to_owned(),
                         Err(_) => {
@@ -497,6 +542,9 @@ where
                 }
             }
         }
+        if !chunks.is_empty() {
+            store_chunks(state, &agent, chunks, &mut wr).await?;
+        }
         if !batch.is_empty() {
             let stored = match state.store.append(&agent, &stream, &batch).await {
                 Ok(s) => s,
@@ -518,6 +566,10 @@ where
             acked_sent = session.stored();
             send(&mut wr, Message::Ack { upto: acked_sent }).await?;
         }
+        if eof {
+            info!(%agent, "agent closed the connection");
+            return Ok(());
+        }
         if goodbye {
             info!(%agent, stored = session.stored(), "agent said goodbye");
             let _ = wr.shutdown().await;
@@ -526,55 +578,64 @@ where
     }
 }
 
-/// Writes a blob chunk's payload to the blob store; returns the blob hash to record.
-async fn store_payload<W: AsyncWrite + Unpin>(
+/// A blob chunk waiting to be written.
+#[derive(Debug)]
+struct Chunk {
+    hash: String,
+    media_type: String,
+    offset: u64,
+    total: u64,
+    payload: bytes::Bytes,
+}
+
+/// Writes a batch's blob chunks to the blob store on one blocking thread (before the
+/// batch's messages are committed) and records the blobs they complete.
+async fn store_chunks<W: AsyncWrite + Unpin>(
     state: &Arc<ServerState>,
     agent: &str,
-    frame: &Frame,
+    chunks: Vec<Chunk>,
     wr: &mut W,
-) -> Result<Option<String>, ConnError> {
-    let Message::BlobChunk {
-        hash,
-        media_type,
-        offset,
-        total,
-    } = &frame.envelope.msg
-    else {
-        return Ok(None);
-    };
+) -> Result<(), ConnError> {
     let blobs = state.blobs.clone();
-    let (uploader, h, payload) = (agent.to_owned(), hash.clone(), frame.payload.clone());
-    let (offset, total) = (*offset, *total);
-    let outcome = tokio::task::spawn_blocking(move || {
-        blobs.write_chunk(&uploader, &h, offset, total, &payload)
+    let uploader = agent.to_owned();
+    let outcomes = tokio::task::spawn_blocking(move || {
+        chunks
+            .into_iter()
+            .map(|c| {
+                let r = blobs.write_chunk(&uploader, &c.hash, c.offset, c.total, &c.payload);
+                (c, r)
+            })
+            .collect::<Vec<_>>()
     })
     .await
     .map_err(|e| ConnError::Io(IoError::Io(std::io::Error::other(e))))?;
-    match outcome {
-        Ok(ChunkOutcome::Complete { size }) => {
-            state
-                .store
-                .record_blob(hash, size, media_type, now_secs())
+    for (c, outcome) in outcomes {
+        match outcome {
+            Ok(ChunkOutcome::Complete { size }) => {
+                state
+                    .store
+                    .record_blob(&c.hash, size, &c.media_type, now_secs())
+                    .await?;
+                debug!(%agent, hash = %c.hash, size, "blob stored");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // The agent computed the hash; a mismatch is corruption or a bug. Keep
+                // the message (nothing is dropped) and tell the agent.
+                warn!(%agent, hash = %c.hash, error = %e, "blob chunk refused");
+                send(
+                    wr,
+                    Message::Error {
+                        code: ErrorCode::BlobMismatch,
+                        message: format!("blob {}: {e}", c.hash),
+                        fatal: false,
+                    },
+                )
                 .await?;
-            debug!(%agent, %hash, size, "blob stored");
-        }
-        Ok(_) => {}
-        Err(e) => {
-            // The agent computed the hash; a mismatch is corruption or a bug. Keep the
-            // message (nothing is dropped) and tell the agent.
-            warn!(%agent, %hash, error = %e, "blob chunk refused");
-            send(
-                wr,
-                Message::Error {
-                    code: ErrorCode::BlobMismatch,
-                    message: format!("blob {hash}: {e}"),
-                    fatal: false,
-                },
-            )
-            .await?;
+            }
         }
     }
-    Ok(Some(hash.clone()))
+    Ok(())
 }
 
 async fn control<W: AsyncWrite + Unpin>(

@@ -84,7 +84,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         Some(url) => Store::open(url).await?,
         None => Store::open_in(&config.data_dir).await?,
     };
-    let blobs = Arc::new(BlobStore::open(config.blob_dir())?.with_max_size(config.max_blob_bytes));
+    let blobs = Arc::new(
+        BlobStore::open(config.blob_dir())?
+            .with_max_size(config.max_blob_bytes)
+            .with_fsync(config.fsync_blobs),
+    );
     let ca = CertificateAuthority::load_or_create(&config.pki_dir())?;
     let server_cert = pki::load_or_issue_server_cert(&config.pki_dir(), &ca, &config.server_names)?;
     let tls = TlsAcceptor::from(pki::server_config(&ca, &server_cert)?);
