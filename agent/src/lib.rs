@@ -8,12 +8,15 @@
 //! - [`workload`]: a synthetic workload, until the kernel produces real output.
 //! - [`config`], [`telemetry`]: command line and logging.
 
+pub mod capabilities;
 pub mod channel;
 pub mod config;
 pub mod identity;
+pub mod kernel;
 pub mod outbox;
 pub mod sender;
 pub mod telemetry;
+pub mod users;
 pub mod workload;
 
 use std::time::Duration;

@@ -1,0 +1,1 @@
+//! `nbsupervisor`: the notebook container's PID 1 (in progress).
