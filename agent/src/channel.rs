@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use nbagent_protocol::io::{FrameReader, IoError, write_frame};
 use nbagent_protocol::{
-    AgentEvent, AgentSession, ErrorCode, Frame, Limits, Message, SUPPORTED, SessionError,
+    AgentEvent, AgentSession, ErrorCode, Frame, Limits, Message, Receipt, ReceiveLog, SUPPORTED,
+    SessionError,
 };
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -102,6 +103,8 @@ pub struct ChannelConfig {
     pub window_bytes: usize,
     /// Timeout of connect, TLS handshake and welcome.
     pub connect_timeout: Duration,
+    /// File recording the highest server command processed.
+    pub command_log: PathBuf,
 }
 
 /// Why a connection attempt or session ended.
@@ -146,6 +149,15 @@ pub enum ChannelError {
     /// The outbox failed.
     #[error("outbox")]
     Outbox(#[from] crate::outbox::OutboxError),
+    /// A state file could not be read or written.
+    #[error("cannot read or write {path}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Nothing heard from the server within the deadline.
     #[error("no answer from the server for {0:?}")]
     Timeout(Duration),
@@ -427,6 +439,7 @@ async fn connect(
     config: &ChannelConfig,
     stream: String,
     window: nbagent_protocol::SendWindow,
+    received: u64,
     attempts: &mut Attempts,
     allow_enrol: bool,
 ) -> Result<Connected, ChannelError> {
@@ -458,7 +471,7 @@ async fn connect(
             } else {
                 None
             },
-            received: 0,
+            received,
         }),
     )
     .await?;
@@ -507,6 +520,7 @@ pub async fn probe(config: &ChannelConfig, stream: &str) -> Result<String, Chann
         config,
         stream.to_owned(),
         nbagent_protocol::SendWindow::default(),
+        0,
         &mut attempts,
         false,
     )
@@ -534,7 +548,8 @@ async fn session(
         let ob = shared.outbox();
         (ob.stream_id().to_owned(), ob.window())
     };
-    let mut c = connect(config, stream, window, attempts, true).await?;
+    let log = CommandLog::load(config.command_log.clone())?;
+    let mut c = connect(config, stream, window, log.stored(), attempts, true).await?;
     shared.on_welcome(c.acked)?;
     info!(agent = %c.agent, tls = c.tls, acked = c.acked, pending = shared.outbox().pending_count(), "session established");
     let _ = status.send(ChannelStatus::Connected {
@@ -553,6 +568,7 @@ async fn session(
         c.proto,
         c.heartbeat,
         c.acked,
+        log,
         shutdown,
     )
     .await
@@ -588,6 +604,7 @@ async fn pump<R, W>(
     mut proto: AgentSession,
     heartbeat: Duration,
     acked: u64,
+    mut log: CommandLog,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<SessionEnd, ChannelError>
 where
@@ -665,11 +682,27 @@ where
                         Identity::complete_renewal(&config.identity_dir, certificate_pem)?;
                         info!(not_after, "client certificate renewed");
                     }
-                    _ => {
-                        if commands.send(frame).await.is_err() {
-                            debug!("no command consumer; command dropped");
+                    _ => match frame.envelope.seq {
+                        // A command: processed at most once, across agent restarts.
+                        Some(seq) => match log.check(seq).map_err(SessionError::from)? {
+                            Receipt::Duplicate => {
+                                debug!(seq, "command already processed; acknowledging again");
+                                ack_commands(&mut wr, log.stored()).await?;
+                            }
+                            Receipt::New => {
+                                log.commit(seq)?;
+                                if commands.send(frame).await.is_err() {
+                                    warn!(seq, "no command consumer; command dropped");
+                                }
+                                ack_commands(&mut wr, seq).await?;
+                            }
+                        },
+                        None => {
+                            if commands.send(frame).await.is_err() {
+                                debug!("no consumer for a server answer; dropped");
+                            }
                         }
-                    }
+                    },
                 },
                 Ok(AgentEvent::Welcome { .. } | AgentEvent::Enrolled) => {}
                 Err(SessionError::Peer { code, message }) if !is_fatal(&frame) => {
@@ -678,6 +711,70 @@ where
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+async fn ack_commands<W: AsyncWrite + Unpin>(wr: &mut W, upto: u64) -> Result<(), ChannelError> {
+    write_frame(wr, &Frame::control(Message::Ack { upto })).await?;
+    wr.flush().await.map_err(IoError::from)?;
+    Ok(())
+}
+
+/// The highest server command this agent has processed, kept in a small file so a
+/// restarted agent neither runs a command twice nor skips one.
+#[derive(Debug)]
+pub struct CommandLog {
+    path: PathBuf,
+    log: ReceiveLog,
+}
+
+impl CommandLog {
+    /// Loads the log from `path` (0 if the file does not exist yet).
+    pub fn load(path: PathBuf) -> Result<Self, ChannelError> {
+        let stored = match std::fs::read_to_string(&path) {
+            Ok(s) => s.trim().parse::<u64>().map_err(|_| {
+                ChannelError::Config(format!(
+                    "{} does not hold a command number; remove it only if the server's \
+                     command queue was reset too",
+                    path.display()
+                ))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => {
+                return Err(ChannelError::State { path, source: e });
+            }
+        };
+        Ok(Self {
+            path,
+            log: ReceiveLog::resume(stored),
+        })
+    }
+
+    /// Highest command processed.
+    pub fn stored(&self) -> u64 {
+        self.log.stored()
+    }
+
+    fn check(&self, seq: u64) -> Result<Receipt, nbagent_protocol::SeqError> {
+        self.log.check(seq)
+    }
+
+    /// Durably records `seq` as processed (before the command runs: at most once).
+    fn commit(&mut self, seq: u64) -> Result<(), ChannelError> {
+        use std::io::Write;
+        let tmp = self.path.with_extension("tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            writeln!(f, "{seq}")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|source| ChannelError::State {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.log.commit(seq);
+        Ok(())
     }
 }
 

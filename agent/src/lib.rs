@@ -92,6 +92,7 @@ pub fn channel_config(args: &AgentArgs) -> ChannelConfig {
         },
         window_bytes: args.window_bytes.max(64 * 1024),
         connect_timeout: Duration::from_secs(10),
+        command_log: args.state_dir.join("commands.received"),
     }
 }
 

@@ -109,14 +109,19 @@ where
                 stream,
                 software,
                 token,
+                received,
                 ..
             },
         ) => {
             let agent = authenticate(&mut wr, &peer, &state, token.as_deref()).await?;
-            data_session(
-                reader, wr, session, &peer, &state, version, agent, stream, software,
-            )
-            .await
+            let hello = Hello {
+                version,
+                agent,
+                stream,
+                software,
+                received,
+            };
+            data_session(reader, wr, session, &peer, &state, hello).await
         }
         _ => Err(refuse(
             &mut wr,
@@ -367,22 +372,72 @@ async fn authenticate<W: AsyncWrite + Unpin>(
 /// `used_by` marker of tokens used by plaintext (legacy) agents.
 const PLAINTEXT_USER: &str = "plaintext";
 
-#[allow(clippy::too_many_arguments)]
+/// An accepted `hello`.
+#[derive(Debug)]
+struct Hello {
+    version: u16,
+    agent: String,
+    stream: String,
+    software: String,
+    /// Highest command the agent has processed.
+    received: u64,
+}
+
+/// Sends the agent's queued commands numbered above `*sent`, advancing `*sent`.
+async fn send_commands<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    state: &ServerState,
+    agent: &str,
+    sent: &mut u64,
+) -> Result<(), ConnError> {
+    loop {
+        let queued = state.store.commands_after(agent, *sent, 256).await?;
+        if queued.is_empty() {
+            return Ok(());
+        }
+        for (seq, body) in queued {
+            let msg: Message = match serde_json::from_str(&body) {
+                Ok(m) => m,
+                Err(e) => {
+                    // Only the server writes commands; a bad one is skipped, not resent forever.
+                    warn!(%agent, seq, error = %e, "stored command is not a valid message; skipped");
+                    *sent = seq;
+                    continue;
+                }
+            };
+            let frame = Frame {
+                envelope: nbagent_protocol::Envelope {
+                    seq: Some(seq),
+                    msg,
+                },
+                payload: bytes::Bytes::new(),
+            };
+            write_frame(wr, &frame).await?;
+            *sent = seq;
+        }
+        wr.flush().await.map_err(IoError::from)?;
+    }
+}
+
 async fn data_session<R, W>(
     mut reader: FrameReader<R>,
     mut wr: W,
     mut session: ServerSession,
     peer: &Peer,
     state: &Arc<ServerState>,
-    version: u16,
-    agent: String,
-    stream: String,
-    software: String,
+    hello: Hello,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Hello {
+        version,
+        agent,
+        stream,
+        software,
+        received,
+    } = hello;
     let stored = state.store.stream_stored(&agent, &stream).await?;
     state.store.touch_agent(&agent, now_secs()).await?;
     session.established(version, stored);
@@ -400,6 +455,11 @@ where
     )
     .await?;
     info!(%agent, %stream, stored, tls = peer.tls, %software, peer = %peer.addr, "agent session established");
+    // Commands: resend everything after what the agent says it processed.
+    let bell = state.command_bell(&agent);
+    let mut commands_sent = received;
+    state.store.ack_commands(&agent, received).await?;
+    send_commands(&mut wr, state, &agent, &mut commands_sent).await?;
 
     let heartbeat = state.config.heartbeat;
     let silence = heartbeat * 3;
@@ -427,6 +487,10 @@ where
                     return Err(ConnError::Timeout(silence));
                 }
                 send(&mut wr, Message::Heartbeat { sent_ms: now_ms() as u64 }).await?;
+                continue;
+            }
+            _ = bell.notified() => {
+                send_commands(&mut wr, state, &agent, &mut commands_sent).await?;
                 continue;
             }
             _ = replaced.notified() => {
@@ -645,7 +709,11 @@ async fn control<W: AsyncWrite + Unpin>(
     msg: Message,
 ) -> Result<(), ConnError> {
     match msg {
-        Message::Heartbeat { .. } | Message::Ack { .. } => Ok(()),
+        Message::Heartbeat { .. } => Ok(()),
+        Message::Ack { upto } => {
+            state.store.ack_commands(agent, upto).await?;
+            Ok(())
+        }
         Message::BlobQuery { request, hashes } => {
             let present = hashes
                 .into_iter()

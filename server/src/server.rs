@@ -116,6 +116,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         blobs,
         ca: RwLock::new(ca),
         sessions: SessionRegistry::default(),
+        bells: Default::default(),
     });
     let (shutdown, mut stop) = watch::channel(false);
     let st = state.clone();

@@ -23,6 +23,54 @@ pub struct ServerState {
     pub ca: RwLock<CertificateAuthority>,
     /// Live data sessions, one per agent.
     pub sessions: SessionRegistry,
+    /// Rung when a command is queued for an agent.
+    pub bells: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+/// Errors of [`ServerState::submit`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// The message is not a command (server to agent, sequenced).
+    #[error("{0} is not a command")]
+    NotACommand(&'static str),
+    /// Storage failed.
+    #[error("cannot queue the command")]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl ServerState {
+    /// The notifier rung when a command is queued for `agent`.
+    pub fn command_bell(&self, agent: &str) -> Arc<Notify> {
+        let mut m = match self.bells.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.entry(agent.to_owned()).or_default().clone()
+    }
+
+    /// Queues a command for `agent` (stored first, so it survives a server restart
+    /// and is resent until acknowledged) and wakes its session. Returns its number.
+    pub async fn submit(
+        &self,
+        agent: &str,
+        msg: &nbagent_protocol::Message,
+    ) -> Result<u64, SubmitError> {
+        if !msg.is_sequenced() || msg.direction() != nbagent_protocol::Direction::ToAgent {
+            return Err(SubmitError::NotACommand(msg.kind()));
+        }
+        let body = match serde_json::to_string(msg) {
+            Ok(b) => b,
+            Err(e) => unreachable!("serialising a message failed: {e}"),
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let seq = self
+            .store
+            .enqueue_command(agent, msg.kind(), &body, now)
+            .await?;
+        self.command_bell(agent).notify_one();
+        Ok(seq)
+    }
 }
 
 /// At most one live data session per agent: a new connection of the same agent

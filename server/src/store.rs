@@ -35,12 +35,20 @@ const MESSAGE_COLUMNS: usize = 7;
 const MESSAGE_ROWS_PER_INSERT: usize = 500;
 
 /// Embedded migrations: (version, description, SQLite SQL, PostgreSQL SQL).
-const MIGRATIONS: &[(i64, &str, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../migrations/sqlite/0001_initial.sql"),
-    include_str!("../migrations/postgres/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../migrations/sqlite/0001_initial.sql"),
+        include_str!("../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "commands",
+        include_str!("../migrations/sqlite/0002_commands.sql"),
+        include_str!("../migrations/postgres/0002_commands.sql"),
+    ),
+];
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -805,6 +813,115 @@ impl Store {
         .await
         .map_err(query_err("record blob"))?;
         Ok(())
+    }
+
+    /// Queues a command for `agent` and returns its sequence number (per agent,
+    /// starting at 1). `body` is the JSON of the message, without `seq`.
+    pub async fn enqueue_command(
+        &self,
+        agent: &str,
+        kind: &str,
+        body: &str,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        // Two writers may pick the same number; the primary key refuses the second,
+        // which then tries again with the next one.
+        let mut attempt = 0;
+        loop {
+            let r: Result<i64, sqlx::Error> = sqlx::query_scalar(
+                "INSERT INTO commands (agent, seq, kind, body, created_at) \
+                 SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4 FROM commands WHERE agent = $1 \
+                 RETURNING seq",
+            )
+            .bind(agent)
+            .bind(kind)
+            .bind(body)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await;
+            match r {
+                Ok(seq) => return from_db("seq", seq),
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 5 => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(query_err("enqueue command")(e)),
+            }
+        }
+    }
+
+    /// Commands of `agent` numbered above `after`, in order: `(seq, body)`.
+    pub async fn commands_after(
+        &self,
+        agent: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT seq, body FROM commands WHERE agent = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(agent)
+        .bind(to_db("after", after)?)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("list commands"))?;
+        rows.into_iter()
+            .map(|(seq, body)| Ok((from_db("seq", seq)?, body)))
+            .collect()
+    }
+
+    /// Records that `agent` acknowledged its commands up to `upto` (never goes back).
+    pub async fn ack_commands(&self, agent: &str, upto: u64) -> Result<(), StoreError> {
+        let upto = to_db("upto", upto)?;
+        sqlx::query(
+            "INSERT INTO command_acks (agent, acked) VALUES ($1, $2) \
+             ON CONFLICT (agent) DO UPDATE SET acked = \
+             CASE WHEN command_acks.acked > $2 THEN command_acks.acked ELSE $2 END",
+        )
+        .bind(agent)
+        .bind(upto)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("ack commands"))?;
+        Ok(())
+    }
+
+    /// Highest command of `agent` it has acknowledged (0 if none).
+    pub async fn commands_acked(&self, agent: &str) -> Result<u64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT acked FROM command_acks WHERE agent = $1")
+            .bind(agent)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("read command acks"))?;
+        from_db("acked", v.unwrap_or(0))
+    }
+
+    /// The messages of `agent` of one kind, in stored order (all streams).
+    pub async fn messages_of_kind(
+        &self,
+        agent: &str,
+        kind: &str,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows: Vec<(i64, String, String, Option<String>, i64)> = sqlx::query_as(
+            "SELECT seq, kind, header, payload_hash, received_at FROM messages \
+             WHERE agent = $1 AND kind = $2 ORDER BY received_at, seq",
+        )
+        .bind(agent)
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("list messages by kind"))?;
+        rows.into_iter()
+            .map(|(seq, kind, header, payload_hash, received_at)| {
+                Ok(StoredMessage {
+                    seq: from_db("seq", seq)?,
+                    kind,
+                    header,
+                    payload_hash,
+                    received_at,
+                })
+            })
+            .collect()
     }
 
     /// Number of blobs recorded.

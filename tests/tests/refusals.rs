@@ -50,6 +50,7 @@ impl Env {
             backoff: Backoff::default(),
             window_bytes: 1 << 20,
             connect_timeout: Duration::from_secs(10),
+            command_log: self.dir.join(name).with_extension("commands"),
         }
     }
 

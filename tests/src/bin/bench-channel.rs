@@ -116,6 +116,7 @@ async fn run_channel(args: &Args, d: Durability) -> anyhow::Result<Figures> {
         backoff: Backoff::default(),
         window_bytes: 16 << 20,
         connect_timeout: Duration::from_secs(10),
+        command_log: tmp.path().join("agent/commands.received"),
     };
     let chan = tokio::spawn(channel::run(
         cfg,
