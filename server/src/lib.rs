@@ -12,6 +12,7 @@ pub mod blobs;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod notebook;
 pub mod pki;
 pub mod server;
 pub mod state;
