@@ -14,6 +14,7 @@ pub mod config;
 pub mod identity;
 pub mod kernel;
 pub mod outbox;
+pub mod outputs;
 pub mod sender;
 pub mod telemetry;
 pub mod users;
