@@ -129,7 +129,8 @@ mod tests {
     #[test]
     fn large_text_leaves_small_text_and_bad_base64_stay() {
         let big = "x".repeat(INLINE_TEXT_LIMIT + 1);
-        let mut bundle = json!({"text/html": [big.clone()], "image/jpeg": "%%%not base64", "text/plain": "ok"});
+        let mut bundle =
+            json!({"text/html": [big.clone()], "image/jpeg": "%%%not base64", "text/plain": "ok"});
         let blobs = extract_blobs(&mut bundle);
         assert_eq!(blobs.len(), 1);
         assert_eq!(blobs[0].bytes.len(), big.len());
@@ -148,7 +149,9 @@ mod tests {
         assert_eq!(chunks.len(), 3);
         let total: usize = chunks.iter().map(|(_, p)| p.len()).sum();
         assert_eq!(total, CHUNK_SIZE * 2 + 5);
-        assert!(matches!(chunks[2].0, Message::BlobChunk { offset, .. } if offset == 2 * CHUNK_SIZE as u64));
+        assert!(
+            matches!(chunks[2].0, Message::BlobChunk { offset, .. } if offset == 2 * CHUNK_SIZE as u64)
+        );
         let empty = Blob {
             bytes: Bytes::new(),
             ..b
