@@ -80,12 +80,73 @@ pub struct AgentArgs {
     #[arg(long, env = "NBAGENT_DRAIN_SECS", default_value_t = 10)]
     pub drain_secs: u64,
 
+    /// Kernelspec to run (any installed Jupyter kernelspec, by name).
+    #[arg(long, env = "NBAGENT_KERNEL", default_value = "python3")]
+    pub kernel: String,
+
+    /// The notebook user the kernel runs as. Required when the agent runs as root
+    /// (kernels never run as root); without it an unprivileged agent runs the kernel
+    /// as itself.
+    #[arg(long, env = "KERNEL_USERNAME")]
+    pub kernel_user: Option<String>,
+
+    /// Users allowed to run kernels, comma-separated (empty: anyone not refused).
+    #[arg(long, env = "NBAGENT_AUTHORIZED_USERS", value_delimiter = ',')]
+    pub authorized_users: Vec<String>,
+
+    /// Users never allowed to run kernels, comma-separated; checked before
+    /// --authorized-users.
+    #[arg(long, env = "NBAGENT_UNAUTHORIZED_USERS", value_delimiter = ',')]
+    pub unauthorized_users: Vec<String>,
+
+    /// Let users with sudo rights run kernels (refused by default: they could get
+    /// root back).
+    #[arg(long, env = "NBAGENT_ALLOW_SUDOERS")]
+    pub allow_sudoers: bool,
+
+    /// Directories put first on the kernel's PATH, comma-separated (the kernel's
+    /// Python environment).
+    #[arg(
+        long,
+        env = "NBAGENT_KERNEL_PATH",
+        value_delimiter = ',',
+        default_value = "/opt/nbagent/venv/bin"
+    )]
+    pub kernel_path: Vec<PathBuf>,
+
+    /// Extra directories holding kernelspecs (`<dir>/<name>/kernel.json`), searched
+    /// before the standard Jupyter locations, comma-separated [default: the
+    /// `share/jupyter/kernels` of each --kernel-path entry's environment].
+    #[arg(long, env = "NBAGENT_KERNELSPEC_PATH", value_delimiter = ',')]
+    pub kernelspec_path: Vec<PathBuf>,
+
+    /// The CRIU binary [default: /opt/nbagent/criu/bin/criu, else `criu` on PATH].
+    #[arg(long, env = "NBAGENT_CRIU")]
+    pub criu: Option<PathBuf>,
+
+    /// Do not start a kernel (only the channel; implied by --workload).
+    #[arg(long, env = "NBAGENT_NO_KERNEL")]
+    pub no_kernel: bool,
+
+    /// How long a starting kernel may take to answer kernel_info, seconds.
+    #[arg(long, env = "NBAGENT_KERNEL_START_SECS", default_value_t = 60)]
+    pub kernel_start_secs: u64,
+
     /// Log format.
     #[arg(long, env = "NBAGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
+/// Exit status the agent uses for configuration errors (EX_CONFIG): nbsupervisor does
+/// not restart an agent that exits with it.
+pub const EXIT_CONFIG: u8 = 78;
+
 impl AgentArgs {
+    /// Whether this agent runs a kernel.
+    pub fn runs_kernel(&self) -> bool {
+        !self.no_kernel && self.workload.is_none()
+    }
+
     /// Drain deadline on SIGTERM.
     pub fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_secs)

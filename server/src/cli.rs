@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing::info;
 
@@ -76,8 +76,9 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         last: u32,
     },
-    /// The main job: start a server, enrol a local agent with a token, stream a
-    /// workload over mutual TLS, and print what the server stored.
+    /// The main job: start a server, enrol a local agent (under nbsupervisor) with a
+    /// token, run a sample notebook on its kernel over mutual TLS, and print what the
+    /// server stored.
     Demo(DemoArgs),
 }
 
@@ -127,12 +128,21 @@ pub enum TokenCommand {
 /// `nbserver demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
+    /// The notebook to run.
+    #[arg(long, default_value_os_t = crate::demo::default_notebook())]
+    pub notebook: PathBuf,
     /// The nbagent binary [default: next to this executable].
     #[arg(long, env = "NBAGENT_BIN")]
     pub agent_bin: Option<PathBuf>,
-    /// Workload the agent streams.
-    #[arg(long, default_value = "outputs=2000,blobs=8,blob_bytes=1536k")]
-    pub workload: String,
+    /// The nbsupervisor binary [default: next to this executable].
+    #[arg(long, env = "NBSUPERVISOR_BIN")]
+    pub supervisor_bin: Option<PathBuf>,
+    /// The notebook user the kernel runs as.
+    #[arg(long, env = "KERNEL_USERNAME", default_value = "nbuser")]
+    pub kernel_user: String,
+    /// How long the whole notebook may take, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_secs: u64,
 }
 
 /// Runs the command.
@@ -190,7 +200,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_summary(&store, &cli.data_dir, last).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo(ref a) => demo(&cli, a).await,
+        Command::Demo(ref a) => crate::demo::demo(&cli, a).await,
     }
 }
 
@@ -249,76 +259,6 @@ pub async fn print_summary(store: &Store, data_dir: &Path, last: u32) -> anyhow:
         }
     }
     Ok(())
-}
-
-async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
-    let agent_bin = match &a.agent_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("nbagent"))
-            .context("cannot locate nbagent next to nbserver")?,
-    };
-    if !agent_bin.exists() {
-        bail!(
-            "nbagent binary not found at {}: build it (cargo build) or pass --agent-bin",
-            agent_bin.display()
-        );
-    }
-    let data_dir = cli.data_dir.join("demo-server");
-    let agent_dir = cli.data_dir.join("demo-agent");
-    for d in [&data_dir, &agent_dir] {
-        if d.exists() {
-            std::fs::remove_dir_all(d).with_context(|| format!("cannot clear {}", d.display()))?;
-        }
-    }
-    let mut config = ServerConfig::new(data_dir.clone(), "127.0.0.1:0".parse()?);
-    config.database_url = cli.database_url.clone();
-    let server = crate::start(config)
-        .await
-        .context("cannot start the server")?;
-    let token = create_token(&server.state.store, "demo-agent", Duration::from_secs(600)).await?;
-    println!(
-        "== nbserver listening on {} (data in {})",
-        server.addr,
-        data_dir.display()
-    );
-    println!("== enrolment token created for agent 'demo-agent' (single use, 10 min)");
-    println!(
-        "== starting nbagent: enrol, mutual TLS, stream workload {}",
-        a.workload
-    );
-    let started = std::time::Instant::now();
-    let status = tokio::process::Command::new(&agent_bin)
-        .arg("--server")
-        .arg(server.addr.to_string())
-        .arg("--state-dir")
-        .arg(&agent_dir)
-        .arg("--server-ca")
-        .arg(data_dir.join("pki").join("ca.crt"))
-        .arg("--workload")
-        .arg(&a.workload)
-        .arg("--exit-when-drained")
-        .env("NBAGENT_TOKEN", token.to_string())
-        .status()
-        .await
-        .with_context(|| format!("cannot run {}", agent_bin.display()))?;
-    let elapsed = started.elapsed();
-    if !status.success() {
-        bail!("nbagent failed: {status}");
-    }
-    println!(
-        "== agent finished in {:.2}s; the server stored:",
-        elapsed.as_secs_f64()
-    );
-    print_summary(&server.state.store, &data_dir, 3).await?;
-    let blobs = server.state.store.blob_count().await?;
-    println!(
-        "== blobs verified and stored: {blobs} (in {})",
-        data_dir.join("blobs").display()
-    );
-    server.shutdown().await;
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Installs the log subscriber (stderr; level from `RUST_LOG`, default `info`).

@@ -624,6 +624,7 @@ where
                 }
             };
             session.resync(stored);
+            state.notify_stored();
         }
         // Ack new messages, and re-ack resent duplicates so the agent can release them.
         if session.stored() != acked_sent || duplicates {

@@ -5,6 +5,7 @@
 //! - [`pki`]: the certificate authority, server certificate and enrolment tokens.
 //! - [`store`]: the database (SQLite embedded by default, PostgreSQL by URL).
 //! - [`blobs`]: the content-addressed blob store.
+//! - [`run`]: running notebook cells on an agent and reading back their outputs.
 //! - [`cli`]: the `nbserver` command line, including the `demo` main job.
 #![forbid(unsafe_code)]
 
@@ -12,8 +13,10 @@ pub mod blobs;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod demo;
 pub mod notebook;
 pub mod pki;
+pub mod run;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -117,6 +117,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         ca: RwLock::new(ca),
         sessions: SessionRegistry::default(),
         bells: Default::default(),
+        stored_events: tokio::sync::watch::channel(0).0,
     });
     let (shutdown, mut stop) = watch::channel(false);
     let st = state.clone();

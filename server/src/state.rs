@@ -25,6 +25,9 @@ pub struct ServerState {
     pub sessions: SessionRegistry,
     /// Rung when a command is queued for an agent.
     pub bells: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Bumped after every committed batch of agent messages, so that waiters (a
+    /// notebook run waiting for its cells) wake up instead of polling.
+    pub stored_events: tokio::sync::watch::Sender<u64>,
 }
 
 /// Errors of [`ServerState::submit`].
@@ -40,6 +43,11 @@ pub enum SubmitError {
 }
 
 impl ServerState {
+    /// Tells waiters that new agent messages were committed.
+    pub fn notify_stored(&self) {
+        self.stored_events.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// The notifier rung when a command is queued for `agent`.
     pub fn command_bell(&self, agent: &str) -> Arc<Notify> {
         let mut m = match self.bells.lock() {
