@@ -54,7 +54,7 @@ struct Driver<'a> {
 }
 
 /// Runs the supervisor until it decides to exit.
-#[instrument(skip_all, fields(pid = nix::unistd::getpid().as_raw()))]
+#[instrument(skip_all, fields(supervisor_pid = nix::unistd::getpid().as_raw()))]
 pub fn supervise(config: &Config, sys: &dyn Sys) -> Result<Outcome, SupervisorError> {
     let signals = Signals::block().map_err(SupervisorError::Signals)?;
     let self_pid = nix::unistd::getpid();
@@ -152,14 +152,21 @@ impl Driver<'_> {
                 }
                 Action::SignalDescendants(sig) => {
                     match teardown::signal_descendants(self.sys, &self.scope, sig) {
-                        Ok(count) => info!(
-                            signal = sig.as_str(),
-                            ?count,
-                            "signalled remaining processes"
-                        ),
-                        Err(e) => {
-                            warn!(signal = sig.as_str(), error = %e, "cannot signal remaining processes")
+                        Ok(Some(count)) => {
+                            info!(
+                                signal = sig.as_str(),
+                                count, "signalled remaining processes"
+                            );
                         }
+                        Ok(None) => info!(
+                            signal = sig.as_str(),
+                            "signalled every other process of the namespace (kill -1)"
+                        ),
+                        Err(e) => warn!(
+                            signal = sig.as_str(),
+                            error = %e,
+                            "cannot signal remaining processes"
+                        ),
                     }
                 }
                 Action::KillDescendants => self.kill_everything()?,
@@ -232,7 +239,12 @@ impl Driver<'_> {
         loop {
             rounds += 1;
             match teardown::signal_descendants(self.sys, &self.scope, Signal::SIGKILL) {
-                Ok(count) if rounds == 1 => info!(?count, "SIGKILL sent to remaining processes"),
+                Ok(Some(count)) if rounds == 1 => {
+                    info!(count, "SIGKILL sent to remaining processes");
+                }
+                Ok(None) if rounds == 1 => {
+                    info!("SIGKILL sent to every other process of the namespace (kill -1)");
+                }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "cannot list remaining processes"),
             }
