@@ -42,8 +42,9 @@ NBSUPERVISOR_RUN_DIR (the run directory, for exit records).";
     override_usage = "nbsupervisor [OPTIONS] -- <AGENT COMMAND>..."
 )]
 pub struct Config {
-    /// On SIGTERM, how long the agent (and then what it left behind) gets for an orderly
-    /// shutdown before everything is SIGKILLed, seconds.
+    /// How long an orderly shutdown may take (after SIGTERM: the agent, then what it
+    /// left behind; after the agent exited 0 or 78: what it left behind) before
+    /// everything left is SIGKILLed, seconds.
     #[arg(
         long,
         env = "NBSUPERVISOR_SHUTDOWN_DEADLINE_SECS",

@@ -564,3 +564,57 @@ fn as_pid1_sigterm_from_the_parent_namespace_stops_in_order() {
     assert_eq!(sup.wait_exit(WAIT), 0, "{}", sup.log());
     assert_eq!(std::fs::read_to_string(sup.path("got")).unwrap(), "term\n");
 }
+
+#[test]
+fn other_signals_are_forwarded_to_the_agent() {
+    let mut sup = Sup::start(
+        &[],
+        r#"for s in HUP INT QUIT USR1 USR2; do trap "echo $s >> \$S/got" $s; done
+           trap 'exit 0' TERM
+           touch $S/ready
+           while :; do sleep 60 & wait; done"#,
+    );
+    sup.wait_file("ready");
+    let sigs = [
+        Signal::SIGHUP,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ];
+    for (i, sig) in sigs.into_iter().enumerate() {
+        sup.signal(sig);
+        // One at a time: the shell may coalesce signals that arrive together.
+        let got = sup.path("got");
+        assert!(
+            wait_until(WAIT, || std::fs::read_to_string(&got)
+                .is_ok_and(|t| t.lines().count() == i + 1)),
+            "{sig} not forwarded; log:\n{}",
+            sup.log()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(sup.path("got")).unwrap(),
+        "HUP\nINT\nQUIT\nUSR1\nUSR2\n"
+    );
+    // Not PID 1: SIGINT was only forwarded, the agent still runs.
+    assert!(sup.child.try_wait().unwrap().is_none());
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(WAIT), 0);
+}
+
+#[test]
+fn sigterm_interrupts_the_restart_delay() {
+    let mut sup = Sup::start(
+        &["--backoff-initial-ms", "60000", "--backoff-max-ms", "60000"],
+        "echo x >> $S/starts; exit 1",
+    );
+    assert!(wait_until(WAIT, || !sup
+        .events("restart scheduled")
+        .is_empty()));
+    let t0 = Instant::now();
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(sup.wait_exit(WAIT), 0);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(std::fs::read_to_string(sup.path("starts")).unwrap(), "x\n");
+}
