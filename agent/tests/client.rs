@@ -36,8 +36,13 @@ impl Kernel {
             eprintln!("skipping: {PYTHON} not found (the kernel venv is not installed)");
             return None;
         }
-        let dir = tempfile::tempdir().expect("temp dir");
         let info = new_connection_info("127.0.0.1", "python3").expect("connection info");
+        Some(Self::start_with(info))
+    }
+
+    /// Starts a kernel on the given ports and key (a restart reuses them).
+    fn start_with(info: ConnectionInfo) -> Kernel {
+        let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("kernel.json");
         std::fs::write(&file, connection_file_json(&info).expect("json")).expect("write");
         let log = OpenOptions::new()
@@ -58,7 +63,7 @@ impl Kernel {
             .process_group(0)
             .spawn()
             .expect("spawn ipykernel");
-        Some(Kernel { child, info, dir })
+        Kernel { child, info, dir }
     }
 
     fn log(&self) -> String {
@@ -86,6 +91,11 @@ impl Drop for Kernel {
 }
 
 async fn connect(kernel: &Kernel) -> KernelClient {
+    // RUST_LOG=nbagent=debug shows the handshake.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     match KernelClient::connect(&kernel.info, CONNECT).await {
         Ok(c) => c,
         Err(e) => panic!("connect failed: {e:?}\nkernel log:\n{}", kernel.log()),
@@ -258,6 +268,31 @@ async fn an_error_cell_reports_the_exception() {
 }
 
 #[tokio::test]
+async fn a_large_output_arrives_whole() {
+    let Some(kernel) = Kernel::start() else {
+        return;
+    };
+    let mut client = connect(&kernel).await;
+    let (outcome, events) = run(
+        &mut client,
+        "from IPython.display import display\n\
+         display({'application/octet-stream': 'y' * 8_000_000}, raw=True)",
+    )
+    .await;
+    assert_eq!(outcome.status, CellStatus::Ok, "{events:?}");
+    let sizes: Vec<usize> = outputs(&events)
+        .iter()
+        .filter_map(|o| match o {
+            OutputContent::DisplayData { data, .. } => {
+                data["application/octet-stream"].as_str().map(str::len)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sizes, [8_000_000]);
+}
+
+#[tokio::test]
 async fn input_without_stdin_raises_a_clear_error() {
     let Some(kernel) = Kernel::start() else {
         return;
@@ -299,11 +334,11 @@ async fn interrupt_request_stops_a_busy_loop_and_keeps_state() {
             while let Some(e) = rx.recv().await {
                 if matches!(&e, ExecEvent::Output(OutputContent::Stream { text, .. }) if text.contains("spinning"))
                 {
+                    interrupted_at = Some(Instant::now());
                     control
                         .interrupt_request()
                         .await
                         .expect("interrupt_request");
-                    interrupted_at = Some(Instant::now());
                 }
                 let idle = e == ExecEvent::Status(KernelState::Idle);
                 events.push(e);
@@ -315,7 +350,7 @@ async fn interrupt_request_stops_a_busy_loop_and_keeps_state() {
     );
     let outcome = outcome.expect("execute");
     let after = interrupted_at.expect("the loop started").elapsed();
-    println!("interrupt_request: cell ended {after:?} after the reply");
+    println!("interrupt_request: cell ended {after:?} after the request was sent");
     assert!(after < Duration::from_secs(2), "{after:?}");
     assert_eq!(outcome.status, CellStatus::Error);
     assert_eq!(outcome.ename.as_deref(), Some("KeyboardInterrupt"));
@@ -351,6 +386,53 @@ async fn a_fresh_client_adopts_a_running_kernel() {
     assert!(
         matches!(out.as_slice(), [OutputContent::ExecuteResult { data, .. }] if plain(data) == "'from the first client'"),
         "{out:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_simultaneous_client_connects_without_a_welcome() {
+    let Some(kernel) = Kernel::start() else {
+        return;
+    };
+    let mut first = connect(&kernel).await;
+    let mut second = connect(&kernel).await;
+    let (outcome, _) = run(&mut first, "shared = 1").await;
+    assert_eq!(outcome.status, CellStatus::Ok);
+    let (outcome, events) = run(&mut second, "shared + 1").await;
+    assert_eq!(outcome.status, CellStatus::Ok);
+    assert!(
+        matches!(outputs(&events).as_slice(), [OutputContent::ExecuteResult { data, .. }] if plain(data) == "2")
+    );
+    // The first client skips what the second's request caused.
+    let (outcome, events) = run(&mut first, "print('only mine')").await;
+    assert_eq!(outcome.status, CellStatus::Ok);
+    assert_eq!(
+        outputs(&events),
+        [OutputContent::Stream {
+            name: "stdout".into(),
+            text: "only mine\n".into()
+        }]
+    );
+}
+
+#[tokio::test]
+async fn a_fresh_client_works_after_a_restart_on_the_same_ports() {
+    let Some(mut kernel) = Kernel::start() else {
+        return;
+    };
+    let mut client = connect(&kernel).await;
+    run(&mut client, "before = 1").await;
+    kernel.child.kill().expect("kill");
+    kernel.child.wait().expect("reap");
+    drop(client);
+
+    let kernel = Kernel::start_with(kernel.info.clone());
+    let mut client = connect(&kernel).await;
+    let (outcome, events) = run(&mut client, "'before' in globals()").await;
+    assert_eq!(outcome.status, CellStatus::Ok);
+    assert_eq!(outcome.execution_count, Some(1));
+    assert!(
+        matches!(outputs(&events).as_slice(), [OutputContent::ExecuteResult { data, .. }] if plain(data) == "False")
     );
 }
 

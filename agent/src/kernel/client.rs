@@ -3,7 +3,7 @@
 //! control channel, and the heartbeat.
 //!
 //! Built on `jupyter-zmq-client` (sockets, signatures) and `jupyter-protocol` (request
-//! types). Replies and iopub messages are decoded by [`wire`] from the raw JSON, so a
+//! types). Replies and iopub messages are decoded (module `wire`) from the raw JSON, so a
 //! MIME bundle reaches the agent exactly as the kernel sent it and a malformed message
 //! is an error value, never a panic.
 //!
@@ -516,7 +516,7 @@ impl KernelClient {
         self.execute_inner(code, Sink::Channel(events)).await
     }
 
-    #[instrument(skip_all, fields(kernel = %self.info.shell_port, msg_id))]
+    #[instrument(skip_all, fields(kernel = %format!("{}:{}", self.info.ip, self.info.shell_port), msg_id))]
     async fn execute_inner(
         &mut self,
         code: &str,
