@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbagent::kernel::client::{
-    ConnectionInfo, ExecEvent, ExecOutcome, KernelClient, connection_file_json, new_connection_info,
+    ClientError, ConnectionInfo, ExecEvent, ExecOutcome, KernelClient, connection_file_json,
+    new_connection_info,
 };
 use nbagent_protocol::{CellStatus, KernelState, OutputContent};
 use serde_json::{Value, json};
@@ -486,4 +487,18 @@ async fn round_trip_of_pass() {
         "round trip of `pass` over 200 executions: median {:?}, p90 {:?}, max {:?}",
         times[100], times[180], times[199]
     );
+}
+
+#[tokio::test]
+async fn connect_to_no_kernel_times_out() {
+    let info = new_connection_info("127.0.0.1", "python3").expect("connection info");
+    let t = Instant::now();
+    let err = KernelClient::connect(&info, Duration::from_millis(300))
+        .await
+        .expect_err("nobody listens");
+    assert!(
+        matches!(err, ClientError::Timeout { .. }),
+        "unexpected error: {err:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }

@@ -318,7 +318,7 @@ async fn request_with_retry(
             Ok(Err(e)) => debug!(channel, attempt, error = %e, "request not sent; retrying"),
             Err(_) => debug!(channel, attempt, "send did not complete; retrying"),
         }
-        loop {
+        while Instant::now() < next {
             match timeout_at(next, read(conn, channel)).await {
                 Err(_) => break,
                 Ok(Err(e)) => {
@@ -418,6 +418,13 @@ impl KernelClient {
         // iopub: the welcome, or any message at all, proves the subscription is in
         // place. Each kernel_info_request makes the kernel publish busy/idle.
         let welcome = loop {
+            // Checked here too: a socket that fails at once, or a flood of messages,
+            // never lets `timeout_at` see its deadline.
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout {
+                    what: "an iopub message",
+                });
+            }
             let next = (Instant::now() + RESEND_EVERY).min(deadline);
             match timeout_at(next, read(&mut iopub, "iopub")).await {
                 Ok(Ok(Ok(m))) => break m.msg_type == "iopub_welcome",
@@ -428,16 +435,11 @@ impl KernelClient {
                     debug!(error = %e, "iopub receive failed; retrying");
                     tokio::time::sleep_until(next).await;
                 }
-                Err(_) => {
-                    if Instant::now() >= deadline {
-                        return Err(ClientError::Timeout {
-                            what: "an iopub message",
-                        });
-                    }
-                    if let Err(e) = shell.send(kernel_info()).await {
-                        debug!(error = %e, "kernel_info_request for iopub not sent");
-                    }
-                }
+                Err(_) => match timeout_at(deadline, shell.send(kernel_info())).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(error = %e, "kernel_info_request for iopub not sent"),
+                    Err(_) => debug!("kernel_info_request for iopub did not complete"),
+                },
             }
         };
 
@@ -686,6 +688,9 @@ impl ControlHandle {
                 source,
             })?;
         loop {
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout { what: reply_type });
+            }
             match within(deadline, reply_type, read(&mut *conn, "control")).await?? {
                 Err(e) => warn!(channel = "control", error = %e, "undecodable message skipped"),
                 Ok(m) if m.answers(reply_type, &id) => {
