@@ -342,6 +342,51 @@ async fn request_with_retry(
     Err(ClientError::Timeout { what: reply_type })
 }
 
+/// How [`KernelClient::connect_with`] checks that the kernel answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handshake {
+    /// kernel_info on shell (an idle or starting kernel), then on control.
+    Shell,
+    /// kernel_info on control only (a kernel that may be busy).
+    Control,
+}
+
+/// How long an adopting client waits for the iopub welcome of a busy kernel.
+const BUSY_WELCOME_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits until iopub delivers a message: the welcome, or, for a second subscriber that
+/// gets none, the status messages of another kernel_info_request sent on shell.
+async fn wait_iopub(
+    iopub: &mut ClientIoPubConnection,
+    shell: &mut ClientShellConnection,
+    deadline: Instant,
+) -> Result<bool, ClientError> {
+    let kernel_info = || message(KernelInfoRequest {});
+    loop {
+        let next = (Instant::now() + RESEND_EVERY).min(deadline);
+        match timeout_at(next, read(iopub, "iopub")).await {
+            Ok(Ok(Ok(m))) => return Ok(m.msg_type == "iopub_welcome"),
+            Ok(Ok(Err(e))) => {
+                warn!(channel = "iopub", error = %e, "undecodable message skipped")
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "iopub receive failed; retrying");
+                tokio::time::sleep_until(next).await;
+            }
+            Err(_) => {
+                if Instant::now() >= deadline {
+                    return Err(ClientError::Timeout {
+                        what: "an iopub message",
+                    });
+                }
+                if let Err(e) = shell.send(kernel_info()).await {
+                    debug!(error = %e, "kernel_info_request for iopub not sent");
+                }
+            }
+        }
+    }
+}
+
 fn kernel_info_of(m: &Incoming) -> Result<KernelInfo, ClientError> {
     let protocol = |source| ClientError::Protocol {
         msg_type: m.msg_type.clone(),
@@ -369,9 +414,40 @@ impl KernelClient {
     /// client dropped (see the [module documentation](self)).
     #[instrument(skip_all, fields(kernel = %format!("{}:{}", info.ip, info.shell_port)))]
     pub async fn connect(info: &ConnectionInfo, timeout: Duration) -> Result<Self, ClientError> {
+        let session = uuid::Uuid::new_v4().to_string();
+        Self::connect_with(info, &session, timeout, Handshake::Shell).await
+    }
+
+    /// Connects to a kernel that may be busy running a cell sent by a previous agent
+    /// (adoption after an agent crash): the handshake uses the control channel only,
+    /// which ipykernel answers while shell is busy, and iopub is given a short while to
+    /// deliver its welcome. `session` is the previous client's session id: the shell
+    /// socket reuses its identity, so the `execute_reply` of the running cell reaches
+    /// this client. Follow with [`resume_to`](Self::resume_to) to collect the rest of
+    /// that cell.
+    #[instrument(skip_all, fields(kernel = %format!("{}:{}", info.ip, info.shell_port)))]
+    pub async fn connect_busy(
+        info: &ConnectionInfo,
+        session: &str,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let session = if session.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            session.to_owned()
+        };
+        Self::connect_with(info, &session, timeout, Handshake::Control).await
+    }
+
+    async fn connect_with(
+        info: &ConnectionInfo,
+        session: &str,
+        timeout: Duration,
+        handshake: Handshake,
+    ) -> Result<Self, ClientError> {
         let begun = Instant::now();
         let deadline = begun + timeout;
-        let session = uuid::Uuid::new_v4().to_string();
+        let session = session.to_owned();
         let connect = |channel| move |source| ClientError::Connect { channel, source };
 
         let mut iopub = within(
@@ -405,53 +481,57 @@ impl KernelClient {
         .map_err(connect("heartbeat"))?;
 
         let kernel_info = || message(KernelInfoRequest {});
-        let reply = request_with_retry(
-            &mut shell,
-            "shell",
-            kernel_info,
-            "kernel_info_reply",
-            deadline,
-        )
-        .await?;
-        let kernel = kernel_info_of(&reply)?;
-
-        // iopub: the welcome, or any message at all, proves the subscription is in
-        // place. Each kernel_info_request makes the kernel publish busy/idle.
-        let welcome = loop {
-            // Checked here too: a socket that fails at once, or a flood of messages,
-            // never lets `timeout_at` see its deadline.
-            if Instant::now() >= deadline {
-                return Err(ClientError::Timeout {
-                    what: "an iopub message",
-                });
+        let (kernel, welcome) = match handshake {
+            Handshake::Shell => {
+                let reply = request_with_retry(
+                    &mut shell,
+                    "shell",
+                    kernel_info,
+                    "kernel_info_reply",
+                    deadline,
+                )
+                .await?;
+                let kernel = kernel_info_of(&reply)?;
+                let welcome = wait_iopub(&mut iopub, &mut shell, deadline).await?;
+                let reply = request_with_retry(
+                    &mut control,
+                    "control",
+                    kernel_info,
+                    "kernel_info_reply",
+                    deadline,
+                )
+                .await?;
+                kernel_info_of(&reply)?;
+                (kernel, welcome)
             }
-            let next = (Instant::now() + RESEND_EVERY).min(deadline);
-            match timeout_at(next, read(&mut iopub, "iopub")).await {
-                Ok(Ok(Ok(m))) => break m.msg_type == "iopub_welcome",
-                Ok(Ok(Err(e))) => {
-                    warn!(channel = "iopub", error = %e, "undecodable message skipped")
-                }
-                Ok(Err(e)) => {
-                    debug!(error = %e, "iopub receive failed; retrying");
-                    tokio::time::sleep_until(next).await;
-                }
-                Err(_) => match timeout_at(deadline, shell.send(kernel_info())).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => debug!(error = %e, "kernel_info_request for iopub not sent"),
-                    Err(_) => debug!("kernel_info_request for iopub did not complete"),
-                },
+            Handshake::Control => {
+                let reply = request_with_retry(
+                    &mut control,
+                    "control",
+                    kernel_info,
+                    "kernel_info_reply",
+                    deadline,
+                )
+                .await?;
+                let kernel = kernel_info_of(&reply)?;
+                // A busy kernel publishes nothing but the welcome; do not wait long.
+                let short = (Instant::now() + BUSY_WELCOME_WAIT).min(deadline);
+                let welcome = loop {
+                    match timeout_at(short, read(&mut iopub, "iopub")).await {
+                        Ok(Ok(Ok(m))) => break m.msg_type == "iopub_welcome",
+                        Ok(Ok(Err(e))) => {
+                            warn!(channel = "iopub", error = %e, "undecodable message skipped")
+                        }
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => {
+                            warn!("no iopub welcome from a busy kernel; continuing");
+                            break false;
+                        }
+                    }
+                };
+                (kernel, welcome)
             }
         };
-
-        let reply = request_with_retry(
-            &mut control,
-            "control",
-            kernel_info,
-            "kernel_info_reply",
-            deadline,
-        )
-        .await?;
-        kernel_info_of(&reply)?;
 
         info!(
             protocol = %kernel.protocol_version,
@@ -504,7 +584,7 @@ impl KernelClient {
         code: &str,
         sink: &mut impl FnMut(ExecEvent),
     ) -> Result<ExecOutcome, ClientError> {
-        self.execute_inner(code, Sink::Callback(sink)).await
+        self.execute_inner(code, None, Sink::Callback(sink)).await
     }
 
     /// [`execute`](Self::execute), delivering the events to a channel (waiting for room
@@ -515,16 +595,48 @@ impl KernelClient {
         code: &str,
         events: &mpsc::Sender<ExecEvent>,
     ) -> Result<ExecOutcome, ClientError> {
-        self.execute_inner(code, Sink::Channel(events)).await
+        self.execute_inner(code, None, Sink::Channel(events)).await
+    }
+
+    /// [`execute_to`](Self::execute_to) with the `msg_id` of the execute_request
+    /// chosen by the caller, so that it can be recorded before the request is sent (an
+    /// agent that dies mid-cell leaves it for its successor, which resumes with
+    /// [`resume_to`](Self::resume_to)).
+    pub async fn execute_to_with_id(
+        &mut self,
+        code: &str,
+        msg_id: &str,
+        events: &mpsc::Sender<ExecEvent>,
+    ) -> Result<ExecOutcome, ClientError> {
+        self.execute_inner(code, Some(msg_id), Sink::Channel(events))
+            .await
+    }
+
+    /// Collects the rest of a request sent by a previous client (see
+    /// [`connect_busy`](Self::connect_busy)): its iopub events from now on, until its
+    /// `status: idle`. The `execute_reply` is used if it arrives (it does when the
+    /// shell identity was reused) but not required; without it the outcome's status
+    /// is derived from the outputs (an error output means `Error`) and the execution
+    /// count is unknown.
+    pub async fn resume_to(
+        &mut self,
+        msg_id: &str,
+        events: &mpsc::Sender<ExecEvent>,
+    ) -> Result<ExecOutcome, ClientError> {
+        let started = SystemTime::now();
+        let begun = Instant::now();
+        self.collect(msg_id.to_owned(), Sink::Channel(events), started, begun, false)
+            .await
     }
 
     #[instrument(skip_all, fields(kernel = %format!("{}:{}", self.info.ip, self.info.shell_port), msg_id))]
     async fn execute_inner(
         &mut self,
         code: &str,
-        mut sink: Sink<'_>,
+        msg_id: Option<&str>,
+        sink: Sink<'_>,
     ) -> Result<ExecOutcome, ClientError> {
-        let request = message(ExecuteRequest {
+        let mut request = message(ExecuteRequest {
             code: code.to_owned(),
             silent: false,
             store_history: true,
@@ -532,6 +644,9 @@ impl KernelClient {
             allow_stdin: false,
             stop_on_error: true,
         });
+        if let Some(id) = msg_id {
+            id.clone_into(&mut request.header.msg_id);
+        }
         let msg_id = request.header.msg_id.clone();
         tracing::Span::current().record("msg_id", msg_id.as_str());
         let started = SystemTime::now();
@@ -544,14 +659,43 @@ impl KernelClient {
                 msg_type: "execute_request",
                 source,
             })?;
+        self.collect(msg_id, sink, started, begun, true).await
+    }
 
+    /// Reads iopub and shell until the request `msg_id` is idle on iopub and (when
+    /// `need_reply`) its execute_reply has arrived.
+    async fn collect(
+        &mut self,
+        msg_id: String,
+        mut sink: Sink<'_>,
+        started: SystemTime,
+        begun: Instant,
+        need_reply: bool,
+    ) -> Result<ExecOutcome, ClientError> {
         let mut reply: Option<wire::ExecuteReply> = None;
         let mut idle = false;
+        let mut saw_error: Option<(String, String)> = None;
+        let mut reply_wait: Option<Instant> = None;
         let reply = loop {
-            if idle && let Some(reply) = reply.take() {
-                break reply;
+            if idle && reply.is_some() {
+                break reply.take();
             }
+            if idle && !need_reply {
+                // A reply addressed to the previous client's identity may still come;
+                // give it a moment, then go on without it.
+                let until = *reply_wait.get_or_insert_with(|| Instant::now() + RESEND_EVERY);
+                if Instant::now() >= until {
+                    break None;
+                }
+            }
+            let pause = async {
+                match reply_wait {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                () = pause => {}
                 m = read(&mut self.iopub, "iopub") => match m? {
                     Err(e) => warn!(channel = "iopub", error = %e, "undecodable message skipped"),
                     Ok(m) if m.parent_id.as_deref() != Some(msg_id.as_str()) => {
@@ -561,6 +705,9 @@ impl KernelClient {
                         Ok(Some(event)) => {
                             if event == ExecEvent::Status(KernelState::Idle) {
                                 idle = true;
+                            }
+                            if let ExecEvent::Output(nbagent_protocol::OutputContent::Error { ename, evalue, .. }) = &event {
+                                saw_error = Some((ename.clone(), evalue.clone()));
                             }
                             sink.emit(event).await;
                         }
@@ -588,13 +735,25 @@ impl KernelClient {
         };
         let finished = SystemTime::now();
         let duration = begun.elapsed();
-        debug!(status = ?reply.status.status, duration_us = duration.as_micros() as u64, "executed");
+        let (status, execution_count, ename, evalue) = match reply {
+            Some(r) => (
+                r.status.status,
+                r.execution_count,
+                r.status.ename,
+                r.status.evalue,
+            ),
+            None => match saw_error {
+                Some((n, v)) => (CellStatus::Error, None, Some(n), Some(v)),
+                None => (CellStatus::Ok, None, None, None),
+            },
+        };
+        debug!(?status, duration_us = duration.as_micros() as u64, "executed");
         Ok(ExecOutcome {
             msg_id,
-            status: reply.status.status,
-            execution_count: reply.execution_count,
-            ename: reply.status.ename,
-            evalue: reply.status.evalue,
+            status,
+            execution_count,
+            ename,
+            evalue,
             started,
             finished,
             duration,
