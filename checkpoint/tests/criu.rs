@@ -194,3 +194,74 @@ fn old_criu_is_refused_with_the_reason() {
     let missing = Criu::new(CriuConfig::with_binary(dir.path().join("nope")));
     assert!(matches!(missing.version(), Err(CriuError::Spawn { .. })));
 }
+
+#[test]
+fn lazy_restore_serves_pages_through_the_daemon() {
+    let _g = serial();
+    let Some(criu) = criu_or_skip("lazy_restore_serves_pages_through_the_daemon") else {
+        return;
+    };
+    if !criu.probe().unwrap().lazy_pages {
+        eprintln!("skipping lazy_restore_serves_pages_through_the_daemon: no uffd-noncoop");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut tree, mut ctl) = spawn_state(dir.path(), 20);
+    assert_eq!(ctl.ask("set before"), "ok");
+    let sum = ctl.ask("sum");
+    let mark = ctl.n;
+    let images = dir.path().join("ck");
+    criu.dump(tree.root, &images, &DumpOptions::default())
+        .unwrap();
+    assert_eq!(ctl.ask("set after"), "ok");
+    tree.kill();
+    ctl.rewind(mark);
+
+    let mut opts = RestoreOptions::default();
+    opts.lazy_pages = true;
+    let r = criu.restore(&images, &opts).unwrap();
+    let _guard = Restored(r.pid);
+    eprintln!("lazy restore: pid {} in {:?}", r.pid, r.duration);
+    let mut daemon = r.lazy_pages.expect("a lazy-pages daemon");
+    assert_eq!(ctl.ask("get"), "before");
+    // Touching the whole heap faults every page in through the daemon.
+    assert_eq!(ctl.ask("sum"), sum);
+    assert!(
+        daemon.wait(Duration::from_secs(60)),
+        "lazy-pages daemon did not finish; see {}",
+        daemon.log().display()
+    );
+    assert_eq!(ctl.ask("get"), "before");
+}
+
+#[test]
+fn incremental_dumps_follow_the_probe() {
+    let _g = serial();
+    let Some(criu) = criu_or_skip("incremental_dumps_follow_the_probe") else {
+        return;
+    };
+    let probe = criu.probe().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (tree, mut ctl) = spawn_state(dir.path(), 1);
+    let first = dir.path().join("ck1");
+    criu.dump(tree.root, &first, &DumpOptions::default())
+        .unwrap();
+    assert_eq!(ctl.ask("set later"), "ok");
+    let mut opts = DumpOptions::default();
+    opts.parent = Some(first.clone());
+    let second = criu
+        .dump(tree.root, &dir.path().join("ck2"), &opts)
+        .unwrap();
+    // Without dirty tracking the second dump is a full one.
+    assert_eq!(second.incremental, probe.mem_dirty_track);
+    opts.require_incremental = true;
+    let third = criu.dump(tree.root, &dir.path().join("ck3"), &opts);
+    if probe.mem_dirty_track {
+        assert!(third.unwrap().incremental);
+    } else {
+        assert!(
+            matches!(third, Err(CriuError::NoDirtyTracking)),
+            "{third:?}"
+        );
+    }
+}
