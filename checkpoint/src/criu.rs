@@ -531,11 +531,16 @@ fn op_name(ty: rpc::Criu_req_type) -> &'static str {
 /// Maps known causes in CRIU's log to their own variants.
 fn classify(op: &'static str, errno: i32, errmsg: String, log: CriuLog) -> CriuError {
     let lines: Vec<&str> = log.tail.lines().collect();
-    // CRIU's errmsg is its first error, often a harmless one (rlimit); the last error
-    // of the log is the one that failed the operation.
+    // CRIU's errmsg is its first error, often a harmless one (rlimit). The first
+    // error of the tail, leaving out that one and the closing "Restoring FAILED", is
+    // the cause; the errors after it are consequences.
     let errmsg = match lines
         .iter()
-        .rev()
+        .filter(|l| {
+            !l.contains("Restoring FAILED")
+                && !l.contains("Dumping FAILED")
+                && !l.contains("rlimit:")
+        })
         .find_map(|l| l.find("Error (").map(|i| &l[i..]))
     {
         Some(last) => last.trim().to_owned(),
@@ -550,7 +555,11 @@ fn classify(op: &'static str, errno: i32, errmsg: String, log: CriuLog) -> CriuE
         return CriuError::EstablishedTcp { log };
     }
     if op == "restore" {
-        if let Some(line) = lines.iter().find(|l| l.contains("has wrong size")) {
+        // CRIU 4.2 says "has bad size 6 (expect 3)", older ones "has wrong size".
+        if let Some(line) = lines
+            .iter()
+            .find(|l| l.contains("has bad size") || l.contains("has wrong size"))
+        {
             let line = line.trim().to_owned();
             return CriuError::FileSizeChanged { line, log };
         }
@@ -763,6 +772,19 @@ mod tests {
             ),
         );
         assert!(matches!(e, CriuError::AddressInUse { .. }), "{e}");
+        let e = classify(
+            "restore",
+            0,
+            String::new(),
+            log(
+                "(00.0) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self\n(00.1) 1: Error (criu/x.c:1): the real cause\n(00.15) 1: Error (criu/files.c:1221): Unable to open fd=3\n(00.2) Error (criu/cr-restore.c:2331): Restoring FAILED.",
+            ),
+        );
+        assert!(
+            e.to_string()
+                .starts_with("criu restore failed: Error (criu/x.c:1): the real cause"),
+            "{e}"
+        );
         let e = classify("restore", 2, "boom".to_owned(), log("nothing known"));
         assert!(matches!(e, CriuError::Failed { errno: 2, .. }), "{e}");
         assert!(e.to_string().contains("nothing known"));

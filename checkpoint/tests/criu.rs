@@ -265,3 +265,35 @@ fn incremental_dumps_follow_the_probe() {
         );
     }
 }
+
+#[test]
+fn restore_after_a_held_file_changed_size_is_explained() {
+    let _g = serial();
+    let Some(criu) = criu_or_skip("restore_after_a_held_file_changed_size_is_explained") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let held = dir.path().join("held.txt");
+    let ready = dir.path().join("ready");
+    let prog = format!(
+        "import os, time\nf = open({held:?}, 'w'); f.write('abc'); f.flush()\nopen({ready:?}, 'w').close()\nwhile True: time.sleep(1)\n"
+    );
+    let mut tree = Tree::spawn(&[PYTHON, "-c", &prog], dir.path(), &[]);
+    poll("the holder to be ready", Duration::from_secs(30), || {
+        ready.exists().then_some(())
+    });
+    let images = dir.path().join("ck");
+    criu.dump(tree.root, &images, &DumpOptions::default())
+        .unwrap();
+    tree.kill();
+    fs::write(&held, b"abcdef").unwrap();
+    let e = criu
+        .restore(&images, &RestoreOptions::default())
+        .unwrap_err();
+    assert!(matches!(e, CriuError::FileSizeChanged { .. }), "{e}");
+    assert!(e.to_string().contains("O_APPEND"), "{e}");
+    // Back to the dumped size, it restores.
+    fs::write(&held, b"abc").unwrap();
+    let r = criu.restore(&images, &RestoreOptions::default()).unwrap();
+    kill_tree(r.pid, Duration::from_secs(10)).unwrap();
+}
