@@ -1,0 +1,768 @@
+//! The checkpoint store: one directory of CRIU images per checkpoint under a root,
+//! an index persisted as JSON, and a byte budget enforced by eviction.
+//!
+//! # Keys and the notebook path
+//!
+//! A checkpoint is the kernel's state after running cell `cell` with code hash
+//! `code_hash`, starting from the state of checkpoint `predecessor` (`None` for the
+//! first cell after a fresh kernel). For a notebook given as its list of
+//! `(cell id, code hash)`, the *path* is the chain of checkpoints whose keys match the
+//! cells in order, each the successor of the previous one. [`Store::nearest`] walks
+//! that chain and returns the last usable checkpoint at or before a cell: restore it
+//! and re-run the cells after it.
+//!
+//! Failed dumps and checkpoints found not restorable stay in the index (so that the
+//! chain continues through them and nobody retries blindly), as do evicted ones,
+//! which keep their key but lose their images. Evicted entries that no live entry
+//! descends from are pruned.
+//!
+//! # Eviction
+//!
+//! When the live images exceed the budget, [`Store::evict`] removes checkpoints least
+//! recently used first (a logical clock advanced by every insert and [`Store::touch`]),
+//! never the most recent one nor one on the current notebook path, nor one that an
+//! incremental dump still needs as its parent. It returns the evicted ids so that the
+//! caller can tell the server.
+//!
+//! # Layout
+//!
+//! ```text
+//! <root>/index.json        the index (written to index.json.tmp, then renamed)
+//! <root>/<id>/             images of checkpoint <id> (CRIU's files, logs)
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// The index file under the root.
+pub const INDEX_FILE: &str = "index.json";
+/// Version of the index format.
+const INDEX_VERSION: u32 = 1;
+
+/// A checkpoint's id: `c` followed by a zero-padded number, unique within a store.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CheckpointId(String);
+
+impl CheckpointId {
+    fn from_number(n: u64) -> Self {
+        Self(format!("c{n:010}"))
+    }
+
+    /// The id as a string (also the checkpoint's directory name).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CheckpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a checkpoint is the state of.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CheckpointKey {
+    /// The notebook.
+    pub notebook: String,
+    /// The cell just run.
+    pub cell: String,
+    /// Hash of that cell's code.
+    pub code_hash: String,
+    /// The checkpoint the kernel was in before the cell ran (`None`: a fresh kernel).
+    pub predecessor: Option<CheckpointId>,
+}
+
+/// Whether a checkpoint can be restored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", content = "reason", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Status {
+    /// The dump succeeded.
+    Ok,
+    /// The dump failed.
+    Failed(String),
+    /// The dump succeeded but restoring it cannot work (e.g. a file it holds open
+    /// changed size).
+    NotRestorable(String),
+    /// Its images were evicted.
+    Evicted,
+}
+
+/// One checkpoint of the index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Its id.
+    pub id: CheckpointId,
+    /// What it is the state of.
+    pub key: CheckpointKey,
+    /// Bytes of its images (0 once evicted or when the dump failed).
+    pub size_bytes: u64,
+    /// How long the dump took, in milliseconds.
+    pub duration_ms: u64,
+    /// Whether it can be restored.
+    pub status: Status,
+    /// When it was recorded, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// An incremental dump's parent, whose images it needs.
+    pub parent_images: Option<CheckpointId>,
+    /// Logical time of the last insert or use (for LRU eviction).
+    pub last_used: u64,
+}
+
+impl Entry {
+    /// Whether it can be restored now.
+    pub fn usable(&self) -> bool {
+        self.status == Status::Ok
+    }
+}
+
+/// What a finished dump reports to [`Store::record`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Outcome {
+    /// Bytes of the images.
+    pub size_bytes: u64,
+    /// Duration of the dump.
+    pub duration: Duration,
+    /// The result.
+    pub status: Status,
+    /// An incremental dump's parent.
+    pub parent_images: Option<CheckpointId>,
+}
+
+impl Outcome {
+    /// A successful full dump.
+    pub fn ok(size_bytes: u64, duration: Duration) -> Self {
+        Self {
+            size_bytes,
+            duration,
+            status: Status::Ok,
+            parent_images: None,
+        }
+    }
+
+    /// A failed dump.
+    pub fn failed(reason: impl Into<String>, duration: Duration) -> Self {
+        Self {
+            size_bytes: 0,
+            duration,
+            status: Status::Failed(reason.into()),
+            parent_images: None,
+        }
+    }
+}
+
+/// The nearest usable checkpoint found by [`Store::nearest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nearest {
+    /// Index (in the notebook's cell list) of the cell it is the state after.
+    pub cell_index: usize,
+    /// The checkpoint.
+    pub entry: Entry,
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("checkpoint store i/o failed: {op} {path}")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The index cannot be read.
+    #[error("checkpoint index {path} is damaged; remove the store's root to start over")]
+    Corrupt {
+        /// The index file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The index was written by a newer version.
+    #[error("checkpoint index {path} has version {found}, this build reads {INDEX_VERSION}")]
+    Version {
+        /// The index file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+    },
+    /// No such checkpoint.
+    #[error("no checkpoint {id}")]
+    Unknown {
+        /// The id.
+        id: CheckpointId,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Index {
+    version: u32,
+    next_id: u64,
+    clock: u64,
+    entries: Vec<Entry>,
+}
+
+/// Where the store lives and how big it may get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreConfig {
+    /// Root directory; created if missing.
+    pub root: PathBuf,
+    /// Most bytes of live images kept after [`Store::evict`].
+    pub budget_bytes: u64,
+}
+
+impl StoreConfig {
+    /// A store at `root` with `budget_bytes`.
+    pub fn new(root: impl Into<PathBuf>, budget_bytes: u64) -> Self {
+        Self {
+            root: root.into(),
+            budget_bytes,
+        }
+    }
+}
+
+/// The checkpoint store (synchronous std I/O; one owner).
+#[derive(Debug)]
+pub struct Store {
+    config: StoreConfig,
+    index: Index,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `config.root`.
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        fs::create_dir_all(&config.root).map_err(io_err("create", &config.root))?;
+        let path = config.root.join(INDEX_FILE);
+        let index = match fs::read(&path) {
+            Ok(bytes) => {
+                let index: Index =
+                    serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if index.version != INDEX_VERSION {
+                    return Err(StoreError::Version {
+                        path,
+                        found: index.version,
+                    });
+                }
+                index
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Index {
+                version: INDEX_VERSION,
+                ..Index::default()
+            },
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        tracing::debug!(
+            root = %config.root.display(),
+            checkpoints = index.entries.len(),
+            "checkpoint store opened"
+        );
+        Ok(Store { config, index })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// All entries, oldest first.
+    pub fn entries(&self) -> &[Entry] {
+        &self.index.entries
+    }
+
+    /// One entry.
+    pub fn get(&self, id: &CheckpointId) -> Option<&Entry> {
+        self.index.entries.iter().find(|e| &e.id == id)
+    }
+
+    /// The images directory of `id`.
+    pub fn dir(&self, id: &CheckpointId) -> PathBuf {
+        self.config.root.join(id.as_str())
+    }
+
+    /// Bytes of live images.
+    pub fn total_bytes(&self) -> u64 {
+        self.index.entries.iter().map(|e| e.size_bytes).sum()
+    }
+
+    /// Allocates an id and creates its empty images directory, for a dump.
+    pub fn allocate(&mut self) -> Result<(CheckpointId, PathBuf), StoreError> {
+        self.index.next_id += 1;
+        let id = CheckpointId::from_number(self.index.next_id);
+        let dir = self.dir(&id);
+        // A directory left by a crash before the index was saved: start clean.
+        remove_dir_if_exists(&dir)?;
+        fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+        self.save()?;
+        Ok((id, dir))
+    }
+
+    /// Records the outcome of the dump into `id`'s directory. A failed dump's
+    /// directory is removed (its logs were read by the caller).
+    #[tracing::instrument(skip_all, fields(checkpoint = %id, cell = %key.cell))]
+    pub fn record(
+        &mut self,
+        id: CheckpointId,
+        key: CheckpointKey,
+        outcome: Outcome,
+    ) -> Result<(), StoreError> {
+        if outcome.status != Status::Ok {
+            remove_dir_if_exists(&self.dir(&id))?;
+        }
+        self.index.clock += 1;
+        let entry = Entry {
+            id,
+            key,
+            size_bytes: if outcome.status == Status::Ok {
+                outcome.size_bytes
+            } else {
+                0
+            },
+            duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
+            status: outcome.status,
+            created_unix_ms: now_unix_ms(),
+            parent_images: outcome.parent_images,
+            last_used: self.index.clock,
+        };
+        tracing::info!(
+            size_bytes = entry.size_bytes,
+            duration_ms = entry.duration_ms,
+            status = ?entry.status,
+            "checkpoint recorded"
+        );
+        self.index.entries.retain(|e| e.id != entry.id);
+        self.index.entries.push(entry);
+        self.save()
+    }
+
+    /// Marks `id` as used (restored), for LRU eviction.
+    pub fn touch(&mut self, id: &CheckpointId) -> Result<(), StoreError> {
+        self.index.clock += 1;
+        let clock = self.index.clock;
+        let entry = self.entry_mut(id)?;
+        entry.last_used = clock;
+        self.save()
+    }
+
+    /// Marks `id` as not restorable (e.g. its restore failed for a reason that will
+    /// not go away) and frees its images.
+    pub fn mark_not_restorable(
+        &mut self,
+        id: &CheckpointId,
+        reason: impl Into<String>,
+    ) -> Result<(), StoreError> {
+        let dir = self.dir(id);
+        let entry = self.entry_mut(id)?;
+        entry.status = Status::NotRestorable(reason.into());
+        entry.size_bytes = 0;
+        remove_dir_if_exists(&dir)?;
+        self.save()
+    }
+
+    /// The last usable checkpoint at or before cell `k` on the path of `notebook`,
+    /// whose cells are `cells` (`(cell id, code hash)` in order).
+    pub fn nearest(&self, notebook: &str, cells: &[(String, String)], k: usize) -> Option<Nearest> {
+        nearest(&self.index.entries, notebook, cells, k)
+    }
+
+    /// Evicts until the live images fit the budget (see the module docs), keeping the
+    /// most recent checkpoint and those on the path of `notebook` (`cells` as for
+    /// [`Store::nearest`]). Returns the evicted ids.
+    #[tracing::instrument(skip_all, fields(notebook))]
+    pub fn evict(
+        &mut self,
+        notebook: &str,
+        cells: &[(String, String)],
+    ) -> Result<Vec<CheckpointId>, StoreError> {
+        let mut protected: BTreeSet<CheckpointId> = path(&self.index.entries, notebook, cells)
+            .into_iter()
+            .flatten()
+            .collect();
+        if let Some(latest) = self
+            .index
+            .entries
+            .iter()
+            .filter(|e| e.usable())
+            .max_by_key(|e| (e.created_unix_ms, e.id.clone()))
+        {
+            protected.insert(latest.id.clone());
+        }
+        let victims = plan_eviction(&self.index.entries, self.config.budget_bytes, &protected);
+        for id in &victims {
+            remove_dir_if_exists(&self.dir(id))?;
+            let entry = self.entry_mut(id)?;
+            entry.status = Status::Evicted;
+            entry.size_bytes = 0;
+            tracing::info!(checkpoint = %id, "checkpoint evicted");
+        }
+        prune_tombstones(&mut self.index.entries);
+        if self.total_bytes() > self.config.budget_bytes {
+            tracing::warn!(
+                total_bytes = self.total_bytes(),
+                budget_bytes = self.config.budget_bytes,
+                "checkpoints over budget: the rest are protected"
+            );
+        }
+        self.save()?;
+        Ok(victims)
+    }
+
+    fn entry_mut(&mut self, id: &CheckpointId) -> Result<&mut Entry, StoreError> {
+        self.index
+            .entries
+            .iter_mut()
+            .find(|e| &e.id == id)
+            .ok_or_else(|| StoreError::Unknown { id: id.clone() })
+    }
+
+    /// Writes the index: a temporary file, fsync, rename.
+    fn save(&self) -> Result<(), StoreError> {
+        let path = self.config.root.join(INDEX_FILE);
+        let tmp = self.config.root.join(format!("{INDEX_FILE}.tmp"));
+        let bytes =
+            serde_json::to_vec_pretty(&self.index).map_err(|source| StoreError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
+        let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        f.write_all(&bytes).map_err(io_err("write", &tmp))?;
+        f.sync_all().map_err(io_err("fsync", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err("rename", &path))
+    }
+}
+
+fn remove_dir_if_exists(dir: &Path) -> Result<(), StoreError> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove", dir)(e)),
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// For each cell of the notebook, the most recent usable checkpoint on the path at
+/// that cell (`None` where there is none). The chain goes through entries of any
+/// status: all entries matching a cell are candidate predecessors of the next one.
+pub fn path(
+    entries: &[Entry],
+    notebook: &str,
+    cells: &[(String, String)],
+) -> Vec<Option<CheckpointId>> {
+    let mut out = Vec::with_capacity(cells.len());
+    let mut frontier: BTreeSet<Option<&CheckpointId>> = BTreeSet::from([None]);
+    for (cell, hash) in cells {
+        let step: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| {
+                e.key.notebook == notebook
+                    && &e.key.cell == cell
+                    && &e.key.code_hash == hash
+                    && frontier.contains(&e.key.predecessor.as_ref())
+            })
+            .collect();
+        if step.is_empty() {
+            break;
+        }
+        out.push(
+            step.iter()
+                .filter(|e| e.usable())
+                .max_by_key(|e| (e.created_unix_ms, &e.id))
+                .map(|e| e.id.clone()),
+        );
+        frontier = step.iter().map(|e| Some(&e.id)).collect();
+    }
+    out.resize(cells.len(), None);
+    out
+}
+
+/// The last usable checkpoint at or before cell `k` (see [`Store::nearest`]).
+pub fn nearest(
+    entries: &[Entry],
+    notebook: &str,
+    cells: &[(String, String)],
+    k: usize,
+) -> Option<Nearest> {
+    let upto = cells.len().min(k.saturating_add(1));
+    let ids = path(entries, notebook, &cells[..upto]);
+    let (cell_index, id) = ids
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, id)| id.as_ref().map(|id| (i, id)))?;
+    let entry = entries.iter().find(|e| &e.id == id)?.clone();
+    Some(Nearest { cell_index, entry })
+}
+
+/// Which entries to evict so that live images fit `budget`: least recently used
+/// first, skipping `protected` ones and parents of live incremental dumps.
+pub fn plan_eviction(
+    entries: &[Entry],
+    budget: u64,
+    protected: &BTreeSet<CheckpointId>,
+) -> Vec<CheckpointId> {
+    let mut total: u64 = entries.iter().map(|e| e.size_bytes).sum();
+    let mut needed_by: BTreeMap<&CheckpointId, usize> = BTreeMap::new();
+    for e in entries.iter().filter(|e| e.size_bytes > 0) {
+        if let Some(p) = &e.parent_images {
+            *needed_by.entry(p).or_default() += 1;
+        }
+    }
+    let mut candidates: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.size_bytes > 0 && !protected.contains(&e.id))
+        .collect();
+    candidates.sort_by_key(|e| (e.last_used, e.created_unix_ms));
+    let mut victims = Vec::new();
+    // Evicting an incremental child may free its parent: repeat until stable.
+    loop {
+        let mut progress = false;
+        for e in &candidates {
+            if total <= budget {
+                return victims;
+            }
+            if victims.contains(&e.id) || needed_by.get(&e.id).is_some_and(|n| *n > 0) {
+                continue;
+            }
+            total -= e.size_bytes;
+            victims.push(e.id.clone());
+            if let Some(p) = &e.parent_images
+                && let Some(n) = needed_by.get_mut(p)
+            {
+                *n = n.saturating_sub(1);
+            }
+            progress = true;
+            break;
+        }
+        if !progress || total <= budget {
+            return victims;
+        }
+    }
+}
+
+/// Drops evicted entries that no other entry descends from (recursively).
+fn prune_tombstones(entries: &mut Vec<Entry>) {
+    loop {
+        let referenced: BTreeSet<CheckpointId> = entries
+            .iter()
+            .filter_map(|e| e.key.predecessor.clone())
+            .collect();
+        let before = entries.len();
+        entries.retain(|e| e.status != Status::Evicted || referenced.contains(&e.id));
+        if entries.len() == before {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cells(spec: &[(&str, &str)]) -> Vec<(String, String)> {
+        spec.iter()
+            .map(|(c, h)| (c.to_string(), h.to_string()))
+            .collect()
+    }
+
+    fn key(cell: &str, hash: &str, pred: Option<&CheckpointId>) -> CheckpointKey {
+        CheckpointKey {
+            notebook: "nb".into(),
+            cell: cell.into(),
+            code_hash: hash.into(),
+            predecessor: pred.cloned(),
+        }
+    }
+
+    /// Records a successful checkpoint of `size` bytes after `cell`.
+    fn add(
+        s: &mut Store,
+        cell: &str,
+        hash: &str,
+        pred: Option<&CheckpointId>,
+        size: u64,
+    ) -> CheckpointId {
+        let (id, dir) = s.allocate().unwrap();
+        fs::write(dir.join("pages-1.img"), b"x").unwrap();
+        s.record(
+            id.clone(),
+            key(cell, hash, pred),
+            Outcome::ok(size, Duration::from_millis(5)),
+        )
+        .unwrap();
+        id
+    }
+
+    fn store(dir: &Path, budget: u64) -> Store {
+        Store::open(StoreConfig::new(dir, budget)).unwrap()
+    }
+
+    #[test]
+    fn nearest_follows_the_path_and_stops_at_edits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path(), u64::MAX);
+        let a = add(&mut s, "a", "1", None, 10);
+        let b = add(&mut s, "b", "1", Some(&a), 10);
+        let c = add(&mut s, "c", "1", Some(&b), 10);
+        let nb = cells(&[("a", "1"), ("b", "1"), ("c", "1"), ("d", "1")]);
+        assert_eq!(s.nearest("nb", &nb, 3).unwrap().entry.id, c);
+        assert_eq!(s.nearest("nb", &nb, 2).unwrap().cell_index, 2);
+        assert_eq!(s.nearest("nb", &nb, 1).unwrap().entry.id, b);
+        assert_eq!(s.nearest("nb", &nb, 0).unwrap().entry.id, a);
+        // Editing b: the state after a is the nearest for anything from b on.
+        let edited = cells(&[("a", "1"), ("b", "2"), ("c", "1")]);
+        let n = s.nearest("nb", &edited, 2).unwrap();
+        assert_eq!((n.cell_index, &n.entry.id), (0, &a));
+        // Another notebook, or an edited first cell: nothing.
+        assert!(s.nearest("other", &nb, 3).is_none());
+        assert!(s.nearest("nb", &cells(&[("a", "9")]), 0).is_none());
+        // k past the end is clamped.
+        assert_eq!(s.nearest("nb", &nb, 99).unwrap().entry.id, c);
+    }
+
+    #[test]
+    fn the_chain_continues_through_failed_and_evicted_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path(), u64::MAX);
+        let a = add(&mut s, "a", "1", None, 10);
+        let (b, _) = s.allocate().unwrap();
+        s.record(
+            b.clone(),
+            key("b", "1", Some(&a)),
+            Outcome::failed("criu dump failed", Duration::ZERO),
+        )
+        .unwrap();
+        assert!(!s.dir(&b).exists());
+        let c = add(&mut s, "c", "1", Some(&b), 10);
+        let nb = cells(&[("a", "1"), ("b", "1"), ("c", "1")]);
+        assert_eq!(s.nearest("nb", &nb, 1).unwrap().entry.id, a);
+        assert_eq!(s.nearest("nb", &nb, 2).unwrap().entry.id, c);
+        s.mark_not_restorable(&c, "file changed size").unwrap();
+        assert_eq!(s.nearest("nb", &nb, 2).unwrap().entry.id, a);
+    }
+
+    #[test]
+    fn re_running_a_cell_gives_a_second_candidate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path(), u64::MAX);
+        let a1 = add(&mut s, "a", "1", None, 10);
+        let b1 = add(&mut s, "b", "1", Some(&a1), 10);
+        let a2 = add(&mut s, "a", "1", None, 10);
+        let nb = cells(&[("a", "1"), ("b", "1")]);
+        // Cell a has two checkpoints; b descends from the older one and is still found.
+        let n0 = s.nearest("nb", &nb, 0).unwrap().entry.id;
+        assert!(n0 == a2 || n0 == a1);
+        assert_eq!(s.nearest("nb", &nb, 1).unwrap().entry.id, b1);
+    }
+
+    #[test]
+    fn eviction_is_lru_and_spares_the_path_and_the_latest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path(), 30);
+        // An abandoned branch x1 <- x2, then the current path a <- b <- c.
+        let x1 = add(&mut s, "x", "1", None, 10);
+        let x2 = add(&mut s, "y", "1", Some(&x1), 10);
+        let a = add(&mut s, "a", "1", None, 10);
+        let b = add(&mut s, "b", "1", Some(&a), 10);
+        let c = add(&mut s, "c", "1", Some(&b), 10);
+        s.touch(&x1).unwrap(); // x2 is now the least recently used.
+        let nb = cells(&[("a", "1"), ("b", "1"), ("c", "1")]);
+        let evicted = s.evict("nb", &nb).unwrap();
+        assert_eq!(evicted, vec![x2.clone(), x1.clone()]);
+        assert_eq!(s.total_bytes(), 30);
+        assert!(!s.dir(&x1).exists() && !s.dir(&x2).exists());
+        assert!(s.dir(&a).exists() && s.dir(&c).exists());
+        // Tombstones without descendants are pruned.
+        assert!(s.get(&x1).is_none() && s.get(&x2).is_none());
+
+        // The notebook moved on: only c (latest) is protected now, a and b go,
+        // LRU first, until the budget holds.
+        let mut s2 = Store::open(StoreConfig::new(tmp.path(), 10)).unwrap();
+        let evicted = s2.evict("nb", &cells(&[("z", "1")])).unwrap();
+        assert_eq!(evicted, vec![a.clone(), b.clone()]);
+        // a and b stay as tombstones: c descends from them.
+        assert_eq!(s2.get(&a).unwrap().status, Status::Evicted);
+        let nb = cells(&[("a", "1"), ("b", "1"), ("c", "1")]);
+        assert_eq!(s2.nearest("nb", &nb, 2).unwrap().entry.id, c);
+        assert!(s2.nearest("nb", &nb, 1).is_none());
+    }
+
+    #[test]
+    fn eviction_keeps_parents_of_incremental_dumps() {
+        let e = |id: u64, size: u64, used: u64, parent: Option<u64>| Entry {
+            id: CheckpointId::from_number(id),
+            key: key("a", "1", None),
+            size_bytes: size,
+            duration_ms: 0,
+            status: Status::Ok,
+            created_unix_ms: id,
+            parent_images: parent.map(CheckpointId::from_number),
+            last_used: used,
+        };
+        // 1 is the oldest but 2 needs it; 2 goes first, then 1.
+        let entries = vec![e(1, 10, 1, None), e(2, 5, 2, Some(1)), e(3, 10, 3, None)];
+        let protected = BTreeSet::from([CheckpointId::from_number(3)]);
+        let v = plan_eviction(&entries, 20, &protected);
+        assert_eq!(v, vec![CheckpointId::from_number(2)]);
+        let v = plan_eviction(&entries, 10, &protected);
+        assert_eq!(
+            v,
+            vec![CheckpointId::from_number(2), CheckpointId::from_number(1)]
+        );
+        // Everything protected: nothing to do even over budget.
+        let all: BTreeSet<_> = entries.iter().map(|e| e.id.clone()).collect();
+        assert!(plan_eviction(&entries, 0, &all).is_empty());
+    }
+
+    #[test]
+    fn index_survives_reopen_and_damage_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path(), 100);
+        let a = add(&mut s, "a", "1", None, 10);
+        let b = add(&mut s, "b", "1", Some(&a), 20);
+        let before = s.entries().to_vec();
+        drop(s);
+        let mut s = store(tmp.path(), 100);
+        assert_eq!(s.entries(), &before[..]);
+        assert_eq!(s.total_bytes(), 30);
+        // Ids keep counting after reopen.
+        let c = add(&mut s, "c", "1", Some(&b), 1);
+        assert!(c > b);
+        assert!(!tmp.path().join("index.json.tmp").exists());
+
+        fs::write(tmp.path().join(INDEX_FILE), b"{not json").unwrap();
+        let e = Store::open(StoreConfig::new(tmp.path(), 100)).unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    }
+}
