@@ -1,6 +1,13 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // The kernel's init (PID 1 of its PID namespace), started by the agent itself: no
+    // CLI parsing, no tokio.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(nbagent::kernel::init::INIT_ARG))
+    {
+        return nbagent::kernel::init::main(std::env::args_os().skip(2).collect());
+    }
     let args = nbagent::config::AgentArgs::parse();
     nbagent::telemetry::init(args.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
