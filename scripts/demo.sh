@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --bins -p nbagent -p nbserver
+cargo build --release --bins -p nbagent -p nbserver -p nbsupervisor
 exec target/release/nbserver --data-dir "${NBSERVER_DATA_DIR:-target/demo}" demo "$@"

@@ -124,6 +124,11 @@ pub struct AgentArgs {
     #[arg(long, env = "NBAGENT_CRIU")]
     pub criu: Option<PathBuf>,
 
+    /// Directory for per-kernel runtime files (connection files); created mode 0711
+    /// so that the notebook user can reach its own kernel's directory.
+    #[arg(long, env = "NBAGENT_RUNTIME_DIR", default_value = "/run/nbagent")]
+    pub runtime_dir: PathBuf,
+
     /// Do not start a kernel (only the channel; implied by --workload).
     #[arg(long, env = "NBAGENT_NO_KERNEL")]
     pub no_kernel: bool,

@@ -5,7 +5,12 @@
 //! - [`outbox`]: the durable on-disk log every data message goes through.
 //! - [`sender`]: the producers' handle on the outbox, with backpressure.
 //! - [`identity`]: the agent's key and certificates, and TLS client configuration.
-//! - [`workload`]: a synthetic workload, until the kernel produces real output.
+//! - [`kernel`]: the Jupyter kernel: kernelspecs, the confined launch (own PID
+//!   namespace, notebook user, no capabilities), its init, and the ZeroMQ client.
+//! - [`runtime`]: the task that owns the kernel: runs cells, reports outputs, handles
+//!   interrupt, restart, death, shutdown, and adoption after an agent restart.
+//! - [`users`]: who may run kernels; [`capabilities`]: what this container allows.
+//! - [`workload`]: a synthetic workload for channel tests and benchmarks.
 //! - [`config`], [`telemetry`]: command line and logging.
 
 pub mod capabilities;
@@ -15,6 +20,7 @@ pub mod identity;
 pub mod kernel;
 pub mod outbox;
 pub mod outputs;
+pub mod runtime;
 pub mod sender;
 pub mod telemetry;
 pub mod users;
@@ -97,6 +103,45 @@ pub fn channel_config(args: &AgentArgs) -> ChannelConfig {
     }
 }
 
+/// Where scripts/criu.sh installs CRIU.
+pub const DEFAULT_CRIU: &str = "/opt/nbagent/criu/bin/criu";
+
+/// Builds the kernel runtime's configuration from the command line.
+pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
+    let venv = args
+        .kernel_path
+        .first()
+        .and_then(|bin| bin.parent())
+        .map(std::path::Path::to_path_buf);
+    let mut search =
+        kernel::spec::SpecSearch::standard(|k| std::env::var(k).ok(), None, venv.as_deref());
+    let mut dirs = args.kernelspec_path.clone();
+    dirs.append(&mut search.dirs);
+    search.dirs = dirs;
+    runtime::RuntimeConfig {
+        state_dir: args.state_dir.clone(),
+        kernel_name: args.kernel.clone(),
+        spec_search: search,
+        kernel_user: args.kernel_user.clone(),
+        policy: users::UserPolicy {
+            authorized: args.authorized_users.clone(),
+            unauthorized: args.unauthorized_users.clone(),
+            allow_sudoers: args.allow_sudoers,
+            ..users::UserPolicy::default()
+        },
+        kernel_path: args.kernel_path.clone(),
+        init_exe: "/proc/self/exe".into(),
+        runtime_dir: args.runtime_dir.clone(),
+        supervisor_run_dir: std::env::var_os("NBSUPERVISOR_RUN_DIR").map(Into::into),
+        start_timeout: Duration::from_secs(args.kernel_start_secs.max(1)),
+        proc_root: "/proc".into(),
+        criu: args.criu.clone().or_else(|| {
+            let p = std::path::PathBuf::from(DEFAULT_CRIU);
+            p.exists().then_some(p)
+        }),
+    }
+}
+
 /// Opens the agent's outbox under `state_dir`.
 pub fn open_outbox(args: &AgentArgs) -> Result<Outbox, AgentError> {
     let fsync = if args.outbox_fsync_ms == 0 {
@@ -149,18 +194,38 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         });
     }
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
-    let cmd_shutdown = shutdown_tx.clone();
-    tokio::spawn(async move {
-        while let Some(frame) = cmd_rx.recv().await {
-            match &frame.envelope.msg {
-                nbagent_protocol::Message::Shutdown { reason, .. } => {
-                    info!(%reason, "server asked us to shut down");
-                    let _ = cmd_shutdown.send(true);
-                }
-                other => info!(kind = other.kind(), "command received (no kernel yet)"),
+    let runtime = if args.runs_kernel() {
+        let rt = runtime::Runtime::new(
+            runtime_config(&args),
+            runtime::Reporter::new(sender.clone()),
+        );
+        let shutdown = shutdown_tx.clone();
+        Some(tokio::spawn(async move {
+            let exit = rt.run(cmd_rx).await;
+            if let runtime::RuntimeExit::Shutdown { reason } = &exit {
+                info!(%reason, "server asked us to shut down");
+                let _ = shutdown.send(true);
             }
-        }
-    });
+            exit
+        }))
+    } else {
+        let cmd_shutdown = shutdown_tx.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = cmd_rx.recv().await {
+                match &frame.envelope.msg {
+                    nbagent_protocol::Message::Shutdown { reason, .. } => {
+                        info!(%reason, "server asked us to shut down");
+                        let _ = cmd_shutdown.send(true);
+                    }
+                    other => info!(
+                        kind = other.kind(),
+                        "command received (no kernel in this agent)"
+                    ),
+                }
+            }
+        });
+        None
+    };
     tokio::spawn(async move {
         while status_rx.changed().await.is_ok() {
             let s = status_rx.borrow().clone();
@@ -216,6 +281,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     let _ = stop_tx.send(true);
     let _ = channel.await;
+    if let Some(rt) = runtime {
+        // The channel is closed, so the runtime's command stream ends: it returns
+        // (leaving the kernel running for the next agent unless it was shut down).
+        match tokio::time::timeout(Duration::from_secs(10), rt).await {
+            Ok(Ok(exit)) => info!(?exit, "kernel runtime finished"),
+            Ok(Err(e)) => warn!(error = %e, "kernel runtime failed"),
+            Err(_) => warn!("kernel runtime did not finish in time"),
+        }
+    }
     if let Err(e) = shared.outbox().sync() {
         warn!(error = %e, "final outbox fsync failed");
     }

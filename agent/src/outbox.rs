@@ -425,17 +425,17 @@ impl Outbox {
         let assigned = self.window.assign();
         debug_assert_eq!(assigned, seq);
         self.pending_bytes += len;
-        if self.config.fsync == FsyncPolicy::EveryAppend {
-            if let Err(source) = file.sync_data() {
-                // The record is written but may not be durable, and the state of the
-                // page cache after a failed fsync is unknown: stop here.
-                self.poisoned = true;
-                return Err(OutboxError::Io {
-                    op: "syncing",
-                    path: seg.path.clone(),
-                    source,
-                });
-            }
+        if self.config.fsync == FsyncPolicy::EveryAppend
+            && let Err(source) = file.sync_data()
+        {
+            // The record is written but may not be durable, and the state of the
+            // page cache after a failed fsync is unknown: stop here.
+            self.poisoned = true;
+            return Err(OutboxError::Io {
+                op: "syncing",
+                path: seg.path.clone(),
+                source,
+            });
         }
 
         let frame = rec.split_off(record::HEADER_LEN);
@@ -451,18 +451,18 @@ impl Outbox {
             .back()
             .is_none_or(|s| s.len > 0 && s.len + len > self.config.segment_bytes);
         if !full {
-            if self.active.is_none() {
-                if let Some(seg) = self.segments.back() {
-                    self.active = Some(open_append(&seg.path)?);
-                }
+            if self.active.is_none()
+                && let Some(seg) = self.segments.back()
+            {
+                self.active = Some(open_append(&seg.path)?);
             }
             return Ok(());
         }
         let sync = self.config.fsync != FsyncPolicy::Never;
-        if let (Some(old), Some(seg)) = (self.active.take(), self.segments.back()) {
-            if sync {
-                old.sync_data().map_err(io_err("syncing", &seg.path))?;
-            }
+        if let (Some(old), Some(seg)) = (self.active.take(), self.segments.back())
+            && sync
+        {
+            old.sync_data().map_err(io_err("syncing", &seg.path))?;
         }
         let seg = Segment::new(&self.config.dir, seq);
         let file = OpenOptions::new()

@@ -226,7 +226,7 @@ pub async fn run(
         sender.send(&msg, &payload).await?;
         sent += 1;
         let done = k as u64 + 1;
-        if done % 10_000 == 0 || done == total {
+        if done.is_multiple_of(10_000) || done == total {
             progress(Progress { done, total });
         }
     }

@@ -55,7 +55,7 @@ fn child_writer() {
         let next = ob.window().last_assigned() + 1;
         let seq = ob.append(&message(next), &payload(next)).unwrap();
         assert_eq!(seq, next);
-        if seq % 100 == 0 {
+        if seq.is_multiple_of(100) {
             ob.ack(seq - 50).unwrap();
         }
         if writeln!(out, "{seq}").and_then(|()| out.flush()).is_err() {

@@ -211,7 +211,10 @@ pub fn render_output(o: &OutputContent) -> String {
                 };
                 parts.push(t);
             } else {
-                let len = v.as_str().map(str::len).unwrap_or_else(|| v.to_string().len());
+                let len = v
+                    .as_str()
+                    .map(str::len)
+                    .unwrap_or_else(|| v.to_string().len());
                 parts.push(format!("[{mime}: {len} chars]"));
             }
         }

@@ -96,15 +96,15 @@ impl Driver<'_> {
         }
         loop {
             let reaped = self.reap()?;
-            if let Some(exit) = reaped.agent {
-                if let Some(o) = self.feed(Input::AgentExited(exit))? {
-                    return Ok(o);
-                }
+            if let Some(exit) = reaped.agent
+                && let Some(o) = self.feed(Input::AgentExited(exit))?
+            {
+                return Ok(o);
             }
-            if reaped.no_children {
-                if let Some(o) = self.feed(Input::ChildrenGone)? {
-                    return Ok(o);
-                }
+            if reaped.no_children
+                && let Some(o) = self.feed(Input::ChildrenGone)?
+            {
+                return Ok(o);
             }
             if let Some(o) = self.feed(Input::Tick)? {
                 return Ok(o);

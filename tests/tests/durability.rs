@@ -130,10 +130,10 @@ fn exactly_once_across_server_and_agent_kills() {
             for m in batch {
                 assert_eq!(m.seq, after + 1, "in order, no gaps");
                 let (msg, _) = workload::message(&w, plan[after as usize], &mut cache);
-                if let nbagent_protocol::Message::BlobChunk { hash, .. } = &msg {
-                    if hashes.last() != Some(hash) {
-                        hashes.push(hash.clone());
-                    }
+                if let nbagent_protocol::Message::BlobChunk { hash, .. } = &msg
+                    && hashes.last() != Some(hash)
+                {
+                    hashes.push(hash.clone());
                 }
                 let want = nbagent_protocol::codec::encode_header(&Envelope {
                     seq: Some(m.seq),

@@ -222,7 +222,7 @@ pub struct ExecOutcome {
 
 /// Where `execute` delivers its events.
 enum Sink<'a> {
-    Callback(&'a mut dyn FnMut(ExecEvent)),
+    Callback(&'a mut (dyn FnMut(ExecEvent) + Send)),
     Channel(&'a mpsc::Sender<ExecEvent>),
 }
 
@@ -582,7 +582,7 @@ impl KernelClient {
     pub async fn execute(
         &mut self,
         code: &str,
-        sink: &mut impl FnMut(ExecEvent),
+        sink: &mut (impl FnMut(ExecEvent) + Send),
     ) -> Result<ExecOutcome, ClientError> {
         self.execute_inner(code, None, Sink::Callback(sink)).await
     }
@@ -625,8 +625,14 @@ impl KernelClient {
     ) -> Result<ExecOutcome, ClientError> {
         let started = SystemTime::now();
         let begun = Instant::now();
-        self.collect(msg_id.to_owned(), Sink::Channel(events), started, begun, false)
-            .await
+        self.collect(
+            msg_id.to_owned(),
+            Sink::Channel(events),
+            started,
+            begun,
+            false,
+        )
+        .await
     }
 
     #[instrument(skip_all, fields(kernel = %format!("{}:{}", self.info.ip, self.info.shell_port), msg_id))]
@@ -747,7 +753,11 @@ impl KernelClient {
                 None => (CellStatus::Ok, None, None, None),
             },
         };
-        debug!(?status, duration_us = duration.as_micros() as u64, "executed");
+        debug!(
+            ?status,
+            duration_us = duration.as_micros() as u64,
+            "executed"
+        );
         Ok(ExecOutcome {
             msg_id,
             status,

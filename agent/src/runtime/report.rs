@@ -34,7 +34,9 @@ impl Reporter {
 
     /// The capability report.
     pub async fn capabilities(&self, features: Vec<Feature>) -> Result<(), SendError> {
-        self.send(Message::Capabilities { features }).await.map(drop)
+        self.send(Message::Capabilities { features })
+            .await
+            .map(drop)
     }
 
     /// A kernel state change.

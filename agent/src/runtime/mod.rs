@@ -1,0 +1,1013 @@
+//! The kernel runtime: one task that owns the notebook's kernel, runs the cells the
+//! server sends, reports every output through the durable outbox, and handles
+//! interrupt, restart, kernel death and shutdown.
+//!
+//! ```text
+//! channel --commands--> runtime --execute_request--> kernel (ZeroMQ)
+//!                          |  <--iopub events-------
+//!                          v
+//!                       Reporter --> outbox --> server
+//! ```
+//!
+//! Cells run one at a time in the order the server queued them. While a cell runs, the
+//! runtime keeps reading commands: an interrupt reaches the kernel at once (by message
+//! or SIGINT, as its kernelspec says), further cells queue, a restart or shutdown
+//! aborts the cell. A kernel that dies is noticed within [`DEATH_POLL`] and reported
+//! with its exit status and the tail of its log; the next cell starts a new kernel.
+//!
+//! The kernel outlives the agent: if the agent is killed, `nbsupervisor` restarts it,
+//! and the new agent finds the [`KernelRecord`], checks that the process is the same
+//! one, connects fresh sockets and carries on. Outputs the kernel published while no
+//! agent listened are lost (ZeroMQ PUB drops them); the runtime reports that as an
+//! `output_gap` instead of hiding it.
+
+pub mod record;
+pub mod report;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nbagent_protocol::{CellStatus, Frame, KernelState, Message, OutputContent};
+use tokio::sync::mpsc;
+use tracing::{debug, info, instrument, warn};
+
+use crate::capabilities;
+use crate::kernel::client::{ConnectionInfo, ControlHandle, ExecEvent, KernelClient};
+use crate::kernel::launch::{self, EnvPolicy, KernelExit, KernelProcess, LaunchConfig};
+use crate::kernel::spec::{InterruptMode, KernelSpec, SpecSearch};
+use crate::users::{SystemUserDb, UserPolicy};
+pub use record::{KernelRecord, RunningCell};
+pub use report::Reporter;
+
+/// How often the runtime checks that the kernel process is alive.
+pub const DEATH_POLL: Duration = Duration::from_millis(50);
+
+/// How long a kernel gets to exit after a shutdown request before it is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Lines of the kernel log sent with a death report.
+const LOG_TAIL_LINES: usize = 40;
+
+/// Everything the runtime needs to know.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// The agent's state directory (the kernel record and logs live under it).
+    pub state_dir: PathBuf,
+    /// Kernelspec name.
+    pub kernel_name: String,
+    /// Where kernelspecs are looked up.
+    pub spec_search: SpecSearch,
+    /// The notebook user, if given.
+    pub kernel_user: Option<String>,
+    /// Who may run kernels.
+    pub policy: UserPolicy,
+    /// Directories put first on the kernel's PATH.
+    pub kernel_path: Vec<PathBuf>,
+    /// The executable that becomes the kernel's init (`nbagent` itself).
+    pub init_exe: PathBuf,
+    /// Where per-kernel directories (connection files) are created; must be
+    /// traversable by the notebook user.
+    pub runtime_dir: PathBuf,
+    /// nbsupervisor's run directory (exit records of adopted kernels), if supervised.
+    pub supervisor_run_dir: Option<PathBuf>,
+    /// How long a new kernel may take to answer.
+    pub start_timeout: Duration,
+    /// `/proc`.
+    pub proc_root: PathBuf,
+    /// The CRIU binary, if configured (for the capability report).
+    pub criu: Option<PathBuf>,
+}
+
+/// How the runtime ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeExit {
+    /// The server asked for a shutdown; the kernel is stopped.
+    Shutdown {
+        /// The reason the server gave.
+        reason: String,
+    },
+    /// The command channel closed (the agent is stopping); the kernel keeps running so
+    /// that the next agent can adopt it.
+    Detached,
+}
+
+/// A queued cell.
+#[derive(Debug, Clone)]
+struct Pending {
+    request: String,
+    cell: String,
+    code: String,
+}
+
+/// The process behind the kernel.
+#[derive(Debug)]
+enum Process {
+    /// Started by this agent: its child, waited for directly.
+    Child(KernelProcess),
+    /// Adopted from a previous agent: not our child; death is seen in /proc and the
+    /// exit status comes from nbsupervisor's exit record.
+    Adopted { pid: i32, start_ticks: u64 },
+}
+
+/// How a kernel process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Exit {
+    code: Option<i32>,
+    signal: Option<i32>,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (_, Some(s)) => write!(f, "killed by signal {s}"),
+            (Some(c), None) => write!(f, "exited with code {c}"),
+            (None, None) => f.write_str("exited (status unknown)"),
+        }
+    }
+}
+
+impl From<KernelExit> for Exit {
+    fn from(e: KernelExit) -> Self {
+        Exit {
+            code: e.exit_code(),
+            signal: e.signal(),
+        }
+    }
+}
+
+/// A running kernel and a connected client.
+struct Kernel {
+    process: Process,
+    client: KernelClient,
+    control: ControlHandle,
+    interrupt: InterruptMode,
+    record: KernelRecord,
+    record_path: PathBuf,
+    log: PathBuf,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel")
+            .field("process", &self.process)
+            .field("record", &self.record)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kernel {
+    fn pid(&self) -> i32 {
+        match &self.process {
+            Process::Child(p) => p.pid(),
+            Process::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    /// `Some` once the process is gone.
+    fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
+        match &mut self.process {
+            Process::Child(p) => match p.try_wait() {
+                Ok(Some(e)) => Some(e.into()),
+                Ok(None) => None,
+                Err(e) => {
+                    warn!(error = %e, "cannot wait for the kernel; assuming it is gone");
+                    Some(Exit::default())
+                }
+            },
+            Process::Adopted { pid, start_ticks } => {
+                let alive = record::proc_stat(&cfg.proc_root, *pid)
+                    .is_some_and(|s| s.start_ticks == *start_ticks && s.state != 'Z');
+                if alive {
+                    None
+                } else {
+                    Some(read_exit_record(cfg, *pid))
+                }
+            }
+        }
+    }
+
+    /// Resolves when the kernel process has exited.
+    async fn wait_exit(&mut self, cfg: &RuntimeConfig) -> Exit {
+        let mut tick = tokio::time::interval(DEATH_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Some(e) = self.poll_exit(cfg) {
+                return e;
+            }
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+
+    /// Asks the kernel to exit, then kills it, and waits until it is gone.
+    async fn stop(mut self, cfg: &RuntimeConfig) -> Exit {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.control.shutdown_request(false))
+            .await;
+        let graceful = {
+            let wait = self.wait_exit(cfg);
+            tokio::time::timeout(SHUTDOWN_GRACE, wait).await
+        };
+        let exit = match graceful {
+            Ok(e) => e,
+            Err(_) => {
+                debug!(
+                    pid = self.pid(),
+                    "kernel did not exit after shutdown_request; killing"
+                );
+                // The init is PID 1 of the kernel's namespace: when it dies, every
+                // process of the namespace is killed with it.
+                signal(self.pid(), nix::sys::signal::Signal::SIGKILL);
+                self.wait_exit(cfg).await
+            }
+        };
+        if let Err(e) = KernelRecord::remove(&self.record_path) {
+            warn!(error = %e, "cannot remove the kernel record");
+        }
+        exit
+    }
+}
+
+/// The end of a kernel log, for death reports.
+fn log_tail(path: &Path) -> String {
+    launch::log_tail(path, LOG_TAIL_LINES, 16 * 1024)
+        .unwrap_or_else(|e| format!("(cannot read the kernel log {}: {e})", path.display()))
+}
+
+/// Interrupts the running cell as the kernelspec says: an interrupt_request on the
+/// control channel, or SIGINT to the kernel's init (which forwards it).
+async fn interrupt_kernel(mode: InterruptMode, control: &ControlHandle, pid: i32) {
+    if mode == InterruptMode::Message {
+        match control.interrupt_request().await {
+            Ok(()) => return,
+            Err(e) => warn!(error = %chain(&e), "interrupt request failed; sending SIGINT"),
+        }
+    }
+    signal(pid, nix::sys::signal::Signal::SIGINT);
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
+        debug!(pid, signal = ?sig, error = %e, "cannot signal the kernel");
+    }
+}
+
+/// The exit status nbsupervisor recorded for `pid` (a kernel adopted from a previous
+/// agent is the supervisor's child, not ours). Waits briefly for the record to appear.
+fn read_exit_record(cfg: &RuntimeConfig, pid: i32) -> Exit {
+    let Some(dir) = &cfg.supervisor_run_dir else {
+        return Exit::default();
+    };
+    let path = dir.join("exit").join(pid.to_string());
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        if let Ok(bytes) = std::fs::read(&path) {
+            #[derive(serde::Deserialize)]
+            struct Rec {
+                code: Option<i32>,
+                signal: Option<i32>,
+            }
+            let _ = std::fs::remove_file(&path);
+            return match serde_json::from_slice::<Rec>(&bytes) {
+                Ok(r) => Exit {
+                    code: r.code,
+                    signal: r.signal,
+                },
+                Err(_) => Exit::default(),
+            };
+        }
+        if Instant::now() > deadline {
+            return Exit::default();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Errors starting a kernel; each is reported to the server and shown with the cells
+/// that could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The kernelspec is not installed.
+    #[error("kernelspec not available")]
+    Spec(#[from] crate::kernel::spec::SpecError),
+    /// No notebook user was given and the agent runs as root.
+    #[error(
+        "no notebook user: the agent runs as root and kernels never do; set KERNEL_USERNAME \
+         (or --kernel-user) to an unprivileged user"
+    )]
+    NoUser,
+    /// The user may not run kernels.
+    #[error("the notebook user is refused")]
+    User(#[from] crate::users::UserError),
+    /// The process could not be started.
+    #[error("cannot launch the kernel")]
+    Launch(#[from] launch::LaunchError),
+    /// The kernel did not answer.
+    #[error("the kernel did not answer")]
+    Connect(#[from] crate::kernel::client::ClientError),
+    /// The record could not be written.
+    #[error("cannot record the kernel")]
+    Record(#[from] record::RecordError),
+    /// A file the kernel needs could not be prepared.
+    #[error(transparent)]
+    File(#[from] LaunchFileError),
+}
+
+/// A file or directory for the kernel could not be prepared.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot prepare {path} for the kernel")]
+pub struct LaunchFileError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Creates `dir` mode 0711: the kernel user may pass through it to its own
+/// per-kernel directory, but not list it.
+fn ensure_traversable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+}
+
+/// The whole cause chain of an error, for messages to the user.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The runtime.
+#[derive(Debug)]
+pub struct Runtime {
+    cfg: RuntimeConfig,
+    reporter: Reporter,
+    kernel: Option<Kernel>,
+    queue: VecDeque<Pending>,
+    /// Why the last start failed, shown on cells that cannot run.
+    start_error: Option<String>,
+}
+
+/// What happened while a cell ran.
+enum CellEnd {
+    Done,
+    Restart,
+    Shutdown(String),
+    Detached,
+}
+
+impl Runtime {
+    /// A runtime that reports through `reporter`.
+    pub fn new(cfg: RuntimeConfig, reporter: Reporter) -> Self {
+        Self {
+            cfg,
+            reporter,
+            kernel: None,
+            queue: VecDeque::new(),
+            start_error: None,
+        }
+    }
+
+    fn record_path(&self) -> PathBuf {
+        KernelRecord::path(&self.cfg.state_dir)
+    }
+
+    /// Adopts the kernel a previous agent left running, if its record says there is one
+    /// and the process is still the same.
+    #[instrument(skip_all)]
+    async fn adopt(&mut self) -> Option<Kernel> {
+        let path = self.record_path();
+        let rec = match KernelRecord::load(&path) {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(error = %chain(&e), "ignoring the kernel record");
+                let _ = KernelRecord::remove(&path);
+                return None;
+            }
+        };
+        if !rec.is_alive(&self.cfg.proc_root) {
+            info!(
+                pid = rec.pid,
+                "the recorded kernel is gone; starting a new one"
+            );
+            let exit = read_exit_record(&self.cfg, rec.pid);
+            let _ = self
+                .reporter
+                .died(exit.code, exit.signal, log_tail(&rec.log))
+                .await;
+            if let Some(running) = &rec.running {
+                let _ = self
+                    .reporter
+                    .cell_finished(
+                        &running.request,
+                        &running.cell,
+                        CellStatus::KernelDied,
+                        None,
+                        0,
+                    )
+                    .await;
+            }
+            let _ = KernelRecord::remove(&path);
+            return None;
+        }
+        let info: ConnectionInfo = match serde_json::from_value(rec.connection.clone()) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = %e, "the kernel record has no usable connection info");
+                return None;
+            }
+        };
+        let client = match KernelClient::connect(&info, self.cfg.start_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(pid = rec.pid, error = %chain(&e), "cannot reconnect to the recorded kernel; stopping it");
+                signal(rec.pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = KernelRecord::remove(&path);
+                return None;
+            }
+        };
+        info!(pid = rec.pid, kernel = %rec.kernel_name, executed = rec.executed, "adopted the running kernel");
+        let _ = self
+            .reporter
+            .status(
+                KernelState::Idle,
+                &format!("adopted running kernel (pid {})", rec.pid),
+            )
+            .await;
+        let control = client.control();
+        let interrupt = if rec.interrupt_by_message {
+            InterruptMode::Message
+        } else {
+            InterruptMode::Signal
+        };
+        let mut kernel = Kernel {
+            process: Process::Adopted {
+                pid: rec.pid,
+                start_ticks: rec.start_ticks,
+            },
+            client,
+            control,
+            interrupt,
+            log: rec.log.clone(),
+            record: rec,
+            record_path: path,
+        };
+        if let Some(running) = kernel.record.running.take() {
+            // The previous agent died during this cell. Its outputs from then until
+            // now were published with nobody listening.
+            let reason = format!(
+                "the agent restarted while cell {} was running; outputs the kernel \
+                 published while no agent listened are lost, and its end was not observed",
+                running.cell
+            );
+            warn!(cell = %running.cell, "{reason}");
+            let _ = self.reporter.gap(Some(&running.cell), &reason).await;
+            let _ = self
+                .reporter
+                .cell_finished(
+                    &running.request,
+                    &running.cell,
+                    CellStatus::Aborted,
+                    None,
+                    0,
+                )
+                .await;
+            let _ = kernel.record.save(&kernel.record_path);
+        }
+        Some(kernel)
+    }
+
+    /// Starts a new kernel.
+    #[instrument(skip_all, fields(kernel = %self.cfg.kernel_name))]
+    async fn start_fresh(&mut self) -> Result<Kernel, StartError> {
+        let begun = Instant::now();
+        let spec: KernelSpec = self.cfg.spec_search.find(&self.cfg.kernel_name)?;
+        let user_name = match &self.cfg.kernel_user {
+            Some(u) => u.clone(),
+            None if nix::unistd::geteuid().is_root() => return Err(StartError::NoUser),
+            None => nix::unistd::User::from_uid(nix::unistd::geteuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_default(),
+        };
+        let user = self
+            .cfg
+            .policy
+            .authorize(&SystemUserDb, &user_name, &self.cfg.kernel_name)?;
+        let _ = self
+            .reporter
+            .status(KernelState::Starting, &spec.display_name)
+            .await;
+        let dir = self.cfg.state_dir.join("kernel");
+        crate::private_dir(&dir).map_err(|e| match e {
+            crate::AgentError::StateDir { source, .. } => {
+                StartError::Record(record::RecordError::Io {
+                    path: dir.clone(),
+                    source,
+                })
+            }
+            other => StartError::Record(record::RecordError::Io {
+                path: dir.clone(),
+                source: std::io::Error::other(other.to_string()),
+            }),
+        })?;
+        let info = crate::kernel::client::new_connection_info("127.0.0.1", &spec.name)?;
+        let log = dir.join("kernel.log");
+        // The connection file holds the kernel's HMAC key (not the agent's): the
+        // kernel user must read it, so it lives in a per-kernel directory of the
+        // runtime directory, owned by that user.
+        let conn_dir = self
+            .cfg
+            .runtime_dir
+            .join(format!("kernel-{}", uuid::Uuid::new_v4()));
+        let conn_file = conn_dir.join("connection.json");
+        ensure_traversable(&self.cfg.runtime_dir).map_err(|source| LaunchFileError {
+            path: self.cfg.runtime_dir.clone(),
+            source,
+        })?;
+        launch::write_connection_file(
+            &conn_file,
+            &crate::kernel::client::connection_file_json(&info)?,
+            user.uid,
+            user.gid,
+        )
+        .map_err(|source| LaunchFileError {
+            path: conn_file.clone(),
+            source,
+        })?;
+        let env = EnvPolicy {
+            extra_path: self.cfg.kernel_path.clone(),
+            ..EnvPolicy::default()
+        }
+        .build(std::env::vars(), &user, &spec.env);
+        let mut launch_cfg = LaunchConfig::new(
+            spec.name.clone(),
+            spec.argv_for(&conn_file),
+            env,
+            user.clone(),
+            log.clone(),
+        );
+        launch_cfg.init_exe = self.cfg.init_exe.clone();
+        launch_cfg.proc_root = self.cfg.proc_root.clone();
+        launch_cfg.start_timeout = self.cfg.start_timeout;
+        let process = tokio::task::spawn_blocking(move || launch::launch(&launch_cfg))
+            .await
+            .map_err(|e| LaunchFileError {
+                path: PathBuf::new(),
+                source: std::io::Error::other(e),
+            })??;
+        let pid = process.pid();
+        let spawned = begun.elapsed();
+        if let Some(run_dir) = &self.cfg.supervisor_run_dir {
+            // Ask nbsupervisor to record the exit status if this kernel outlives us.
+            let watch = run_dir.join("watch");
+            if std::fs::create_dir_all(&watch)
+                .and_then(|()| std::fs::write(watch.join(pid.to_string()), b""))
+                .is_err()
+            {
+                debug!(dir = %watch.display(), "cannot register the kernel with nbsupervisor");
+            }
+        }
+        let record = KernelRecord {
+            pid,
+            start_ticks: process.start_time(),
+            connection: serde_json::to_value(&info).unwrap_or_default(),
+            kernel_name: spec.name.clone(),
+            interrupt_by_message: spec.interrupt_mode == InterruptMode::Message,
+            log: log.clone(),
+            user: user.name.clone(),
+            session: String::new(),
+            running: None,
+            executed: 0,
+        };
+        let record_path = self.record_path();
+        record.save(&record_path)?;
+        let client = match KernelClient::connect(&info, self.cfg.start_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                signal(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = KernelRecord::remove(&record_path);
+                return Err(e.into());
+            }
+        };
+        info!(
+            pid,
+            user = %user.name,
+            spawn_ms = spawned.as_millis() as u64,
+            ready_ms = begun.elapsed().as_millis() as u64,
+            "kernel ready"
+        );
+        let _ = self
+            .reporter
+            .status(
+                KernelState::Idle,
+                &format!(
+                    "{} ready in {} ms (pid {pid}, user {})",
+                    spec.display_name,
+                    begun.elapsed().as_millis(),
+                    user.name
+                ),
+            )
+            .await;
+        let control = client.control();
+        Ok(Kernel {
+            process: Process::Child(process),
+            client,
+            control,
+            interrupt: spec.interrupt_mode,
+            record,
+            record_path,
+            log,
+        })
+    }
+
+    /// Makes sure a kernel runs (adopting, or starting one); on failure remembers why.
+    async fn ensure_kernel(&mut self) -> bool {
+        if self.kernel.is_some() {
+            return true;
+        }
+        match self.start_fresh().await {
+            Ok(k) => {
+                self.kernel = Some(k);
+                self.start_error = None;
+                true
+            }
+            Err(e) => {
+                let why = chain(&e);
+                warn!(error = %why, "kernel start failed");
+                let _ = self.reporter.status(KernelState::Dead, &why).await;
+                self.start_error = Some(why);
+                false
+            }
+        }
+    }
+
+    /// Runs until the server asks for a shutdown or the command channel closes.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Frame>) -> RuntimeExit {
+        let mut probe = capabilities::ProbeConfig {
+            criu: self.cfg.criu.clone(),
+            ..capabilities::ProbeConfig::default()
+        };
+        if let Some(u) = self
+            .cfg
+            .kernel_user
+            .as_deref()
+            .and_then(|u| nix::unistd::User::from_name(u).ok().flatten())
+        {
+            probe.switch_uid = u.uid.as_raw();
+            probe.switch_gid = u.gid.as_raw();
+        }
+        let features = tokio::task::spawn_blocking(move || capabilities::probe(&probe))
+            .await
+            .unwrap_or_default();
+        capabilities::log_features(&features);
+        let _ = self.reporter.capabilities(features).await;
+        self.kernel = self.adopt().await;
+        if self.kernel.is_none() {
+            self.ensure_kernel().await;
+        }
+        loop {
+            if let Some(p) = self.queue.pop_front() {
+                match self.run_cell(p, &mut commands).await {
+                    CellEnd::Done => {}
+                    CellEnd::Restart => self.restart("restart requested").await,
+                    CellEnd::Shutdown(reason) => return self.shutdown(reason).await,
+                    CellEnd::Detached => return RuntimeExit::Detached,
+                }
+                continue;
+            }
+            enum Event {
+                Command(Option<Frame>),
+                Died(Exit),
+            }
+            let event = {
+                let cfg = &self.cfg;
+                let death = async {
+                    match self.kernel.as_mut() {
+                        Some(k) => k.wait_exit(cfg).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    c = commands.recv() => Event::Command(c),
+                    exit = death => Event::Died(exit),
+                }
+            };
+            let frame = match event {
+                Event::Died(exit) => {
+                    self.kernel_died(exit, None).await;
+                    continue;
+                }
+                Event::Command(None) => return RuntimeExit::Detached,
+                Event::Command(Some(f)) => f,
+            };
+            match frame.envelope.msg {
+                Message::ExecuteCell {
+                    request,
+                    cell,
+                    code,
+                } => self.queue.push_back(Pending {
+                    request,
+                    cell,
+                    code,
+                }),
+                Message::RunFrom {
+                    request,
+                    cells,
+                    from,
+                    ..
+                } => self.run_from(&request, cells, from).await,
+                Message::Interrupt { .. } => {
+                    debug!("interrupt with no cell running: nothing to do");
+                }
+                Message::RestartKernel { .. } => self.restart("restart requested").await,
+                Message::Shutdown { reason, .. } => return self.shutdown(reason).await,
+                other => debug!(kind = other.kind(), "command not handled by the runtime"),
+            }
+        }
+    }
+
+    /// Reactive mode without checkpoints: a fresh kernel and the cells before `from`
+    /// re-executed, then the rest.
+    async fn run_from(
+        &mut self,
+        request: &str,
+        cells: Vec<nbagent_protocol::CellSource>,
+        from: u32,
+    ) {
+        info!(
+            request,
+            from,
+            cells = cells.len(),
+            "run from: re-executing from the top"
+        );
+        self.restart("run from a cell: re-executing from the top (no checkpoints)")
+            .await;
+        for (i, c) in cells.into_iter().enumerate() {
+            self.queue.push_back(Pending {
+                request: format!("{request}/{i}"),
+                cell: c.id,
+                code: c.code,
+            });
+        }
+        let _ = from;
+    }
+
+    async fn restart(&mut self, why: &str) {
+        let _ = self.reporter.status(KernelState::Restarting, why).await;
+        if let Some(k) = self.kernel.take() {
+            let exit = k.stop(&self.cfg).await;
+            info!(%exit, "kernel stopped for a restart");
+        }
+        self.ensure_kernel().await;
+    }
+
+    async fn shutdown(mut self, reason: String) -> RuntimeExit {
+        info!(%reason, "stopping the kernel for shutdown");
+        for p in self.queue.drain(..) {
+            let _ = self
+                .reporter
+                .cell_finished(&p.request, &p.cell, CellStatus::Aborted, None, 0)
+                .await;
+        }
+        if let Some(k) = self.kernel.take() {
+            let exit = k.stop(&self.cfg).await;
+            info!(%exit, "kernel stopped");
+        }
+        let _ = self.reporter.status(KernelState::Dead, "shut down").await;
+        RuntimeExit::Shutdown { reason }
+    }
+
+    async fn kernel_died(&mut self, exit: Exit, cell: Option<&Pending>) {
+        let Some(k) = self.kernel.take() else { return };
+        let tail = k.log_tail();
+        warn!(pid = k.pid(), %exit, cell = cell.map(|c| c.cell.as_str()), "kernel died");
+        let _ = KernelRecord::remove(&k.record_path);
+        let _ = self.reporter.died(exit.code, exit.signal, tail).await;
+        let _ = self
+            .reporter
+            .status(
+                KernelState::Dead,
+                &format!("kernel {exit}; the next cell starts a new one"),
+            )
+            .await;
+    }
+
+    /// Runs one cell, reading commands meanwhile.
+    #[instrument(skip_all, fields(cell = %p.cell, request = %p.request))]
+    async fn run_cell(&mut self, p: Pending, commands: &mut mpsc::Receiver<Frame>) -> CellEnd {
+        if !self.ensure_kernel().await {
+            let why = self
+                .start_error
+                .clone()
+                .unwrap_or_else(|| "the kernel is not running".into());
+            let _ = self.reporter.cell_started(&p.request, &p.cell).await;
+            let _ = self
+                .reporter
+                .output(
+                    &p.request,
+                    &p.cell,
+                    OutputContent::Error {
+                        ename: "KernelNotStarted".into(),
+                        evalue: why,
+                        traceback: Vec::new(),
+                    },
+                )
+                .await;
+            let _ = self
+                .reporter
+                .cell_finished(&p.request, &p.cell, CellStatus::Aborted, None, 0)
+                .await;
+            return CellEnd::Done;
+        }
+        let _ = self.reporter.cell_started(&p.request, &p.cell).await;
+        let Some(kernel) = self.kernel.as_mut() else {
+            return CellEnd::Done;
+        };
+        kernel.record.running = Some(RunningCell {
+            request: p.request.clone(),
+            cell: p.cell.clone(),
+            msg_id: String::new(),
+            started_ms: report::now_ms(),
+        });
+        if let Err(e) = kernel.record.save(&kernel.record_path) {
+            warn!(error = %chain(&e), "cannot update the kernel record");
+        }
+
+        // Events flow through a bounded channel to a forwarder that appends them to
+        // the outbox in order; when the outbox is full the kernel's output waits.
+        let (tx, mut rx) = mpsc::channel::<ExecEvent>(256);
+        let reporter = self.reporter.clone();
+        let (request, cell) = (p.request.clone(), p.cell.clone());
+        let forwarder = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    ExecEvent::Output(o) => {
+                        if let Err(e) = reporter.output(&request, &cell, o).await {
+                            warn!(error = %e, "cannot queue an output");
+                        }
+                    }
+                    ExecEvent::Status(KernelState::Busy) => {
+                        let _ = reporter.status(KernelState::Busy, "").await;
+                    }
+                    ExecEvent::Malformed { msg_type, reason } => {
+                        debug!(%msg_type, %reason, "malformed kernel message skipped");
+                    }
+                    _ => {}
+                }
+            }
+        });
+
+        let begun = Instant::now();
+        let mut end = CellEnd::Done;
+        let mut status = CellStatus::Ok;
+        let mut execution_count = None;
+        let mut died: Option<Exit> = None;
+        {
+            let Kernel {
+                process,
+                client,
+                control,
+                interrupt,
+                ..
+            } = kernel;
+            let pid = match process {
+                Process::Child(p) => p.pid(),
+                Process::Adopted { pid, .. } => *pid,
+            };
+            let exec = client.execute_to(&p.code, &tx);
+            tokio::pin!(exec);
+            let mut death_tick = tokio::time::interval(DEATH_POLL);
+            death_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut process_ref = process;
+            loop {
+                tokio::select! {
+                    r = &mut exec => {
+                        match r {
+                            Ok(o) => {
+                                status = o.status;
+                                execution_count = o.execution_count;
+                            }
+                            Err(e) => {
+                                warn!(error = %chain(&e), "execution failed");
+                                status = CellStatus::Aborted;
+                            }
+                        }
+                        break;
+                    }
+                    _ = death_tick.tick() => {
+                        let gone = match &mut process_ref {
+                            Process::Child(k) => match k.try_wait() {
+                                Ok(Some(e)) => Some(Exit::from(e)),
+                                Ok(None) => None,
+                                Err(_) => Some(Exit::default()),
+                            },
+                            Process::Adopted { pid, start_ticks } => {
+                                let alive = record::proc_stat(&self.cfg.proc_root, *pid)
+                                    .is_some_and(|s| s.start_ticks == *start_ticks && s.state != 'Z');
+                                (!alive).then(|| read_exit_record(&self.cfg, *pid))
+                            }
+                        };
+                        if let Some(e) = gone {
+                            died = Some(e);
+                            status = CellStatus::KernelDied;
+                            break;
+                        }
+                    }
+                    c = commands.recv() => match c.map(|f| f.envelope.msg) {
+                        Some(Message::Interrupt { .. }) => {
+                            info!("interrupting the cell");
+                            interrupt_kernel(*interrupt, control, pid).await;
+                        }
+                        Some(Message::ExecuteCell { request, cell, code }) => {
+                            self.queue.push_back(Pending { request, cell, code });
+                        }
+                        Some(Message::RestartKernel { .. }) => {
+                            status = CellStatus::Aborted;
+                            end = CellEnd::Restart;
+                            break;
+                        }
+                        Some(Message::Shutdown { reason, .. }) => {
+                            status = CellStatus::Aborted;
+                            end = CellEnd::Shutdown(reason);
+                            break;
+                        }
+                        Some(other) => debug!(kind = other.kind(), "command ignored while a cell runs"),
+                        None => {
+                            end = CellEnd::Detached;
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+        drop(tx);
+        let _ = forwarder.await;
+        if matches!(end, CellEnd::Detached) {
+            // The agent is going away mid-cell: leave the record saying which cell
+            // runs, for the next agent.
+            return end;
+        }
+        if let Some(kernel) = self.kernel.as_mut() {
+            kernel.record.running = None;
+            kernel.record.executed += 1;
+            if died.is_none() {
+                let _ = kernel.record.save(&kernel.record_path);
+            }
+        }
+        let _ = self
+            .reporter
+            .cell_finished(
+                &p.request,
+                &p.cell,
+                status,
+                execution_count,
+                begun.elapsed().as_millis() as u64,
+            )
+            .await;
+        if let Some(exit) = died {
+            self.kernel_died(exit, Some(&p)).await;
+        } else if status == CellStatus::Aborted && matches!(end, CellEnd::Done) {
+            // The client's state is unknown after a failed execution: reconnect.
+            self.reconnect().await;
+        } else {
+            let _ = self.reporter.status(KernelState::Idle, "").await;
+        }
+        end
+    }
+
+    /// Replaces the client of the running kernel by a fresh one.
+    async fn reconnect(&mut self) {
+        let Some(k) = self.kernel.as_mut() else {
+            return;
+        };
+        let info: Result<ConnectionInfo, _> = serde_json::from_value(k.record.connection.clone());
+        let Ok(info) = info else { return };
+        match KernelClient::connect(&info, self.cfg.start_timeout).await {
+            Ok(c) => {
+                k.control = c.control();
+                k.client = c;
+            }
+            Err(e) => warn!(error = %chain(&e), "cannot reconnect to the kernel"),
+        }
+    }
+}
+
+/// Default location of the kernel record, for tools and tests.
+pub fn record_path(state_dir: &Path) -> PathBuf {
+    KernelRecord::path(state_dir)
+}
