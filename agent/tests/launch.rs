@@ -121,7 +121,14 @@ except PermissionError:
     key = 'PermissionError'
 except Exception as e:
     key = repr(e)
-print(json.dumps({'status': st, 'pid': os.getpid(), 'ppid': os.getppid(),
+def is_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+fds = [fd for fd in range(3, 1024) if is_open(fd)]
+print(json.dumps({'status': st, 'fds': fds, 'pid': os.getpid(), 'ppid': os.getppid(),
                   'uid': os.getuid(), 'gid': os.getgid(), 'key': key,
                   'env': dict(os.environ), 'cwd': os.getcwd()}), flush=True)
 "#;
@@ -167,6 +174,8 @@ fn kernel_runs_confined() {
     assert_eq!(nspid.len(), 2, "two PID namespace levels: {nspid:?}");
     assert_eq!(nspid[1], "2");
     assert_eq!(v["key"], "PermissionError");
+    // Nothing but stdin, stdout and stderr is inherited (no report pipe, no agent fds).
+    assert_eq!(v["fds"], serde_json::json!([]), "inherited descriptors");
     let env = v["env"].as_object().unwrap();
     for k in env.keys() {
         assert!(
