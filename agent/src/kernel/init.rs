@@ -294,19 +294,19 @@ fn start(sys: &dyn Sys, config: &InitConfig) -> Result<(Pid, SigSet), InitError>
     }
     mask.add(Signal::SIGCHLD);
     // Blocked before the kernel exists, so that no signal and no exit is missed; the
-    // child's mask is reset by `Command`.
+    // kernel starts with an empty mask (`reset_signals_on_exec`).
     mask.thread_block().map_err(InitError::Signals)?;
     let (program, rest) = config.argv.split_first().ok_or(InitError::EmptyArgv)?;
-    let child = std::process::Command::new(program)
-        .args(rest)
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(rest)
         .env_clear()
         .envs(&config.env)
-        .current_dir(&config.cwd)
-        .spawn()
-        .map_err(|source| InitError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
+        .current_dir(&config.cwd);
+    super::sys::reset_signals_on_exec(&mut cmd);
+    let child = cmd.spawn().map_err(|source| InitError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     // The child is reaped by `supervise` with waitpid(-1), never through `Child`.
     let pid = i32::try_from(child.id()).map_err(|_| InitError::Spawn {
         program: program.clone(),

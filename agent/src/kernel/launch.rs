@@ -626,9 +626,13 @@ pub fn write_connection_file(path: &Path, json: &[u8], uid: u32, gid: u32) -> io
 /// A duplicate of `fd` numbered above 4 (the child's descriptors 0-4 are `dup2`
 /// targets, so no source may be one of them).
 fn above_targets(mut fd: OwnedFd) -> io::Result<OwnedFd> {
+    // Each duplicate takes the lowest free number, so the low ones stay held (in `held`)
+    // until a number above the targets comes out.
+    let mut held = Vec::new();
     while fd.as_raw_fd() <= CONFIG_FD {
-        // The old one stays open until the new one exists, so each new one differs.
-        fd = fd.try_clone()?;
+        let next = fd.try_clone()?;
+        held.push(fd);
+        fd = next;
     }
     Ok(fd)
 }

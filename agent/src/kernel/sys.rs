@@ -405,6 +405,30 @@ pub(crate) fn raw_write(fd: i32, bytes: &[u8]) {
     };
 }
 
+/// Makes `cmd`'s child start with an empty signal mask and SIGPIPE at its default
+/// disposition. The init keeps the signals it forwards blocked (it takes them with
+/// `sigwait`), and a blocked mask survives `fork` and `execve`: without this the kernel
+/// would never see SIGINT.
+pub(crate) fn reset_signals_on_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec; it only calls
+    // `pthread_sigmask` and `signal`, both async-signal-safe, and allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::signal::SigSet::empty()
+                .thread_set_mask()
+                .map_err(io::Error::from)?;
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+            .map_err(io::Error::from)?;
+            Ok(())
+        })
+    };
+}
+
 /// Sets `FD_CLOEXEC` on every open descriptor numbered `min` or above (listed from
 /// `/proc/self/fd`), so that nothing inherited by accident reaches an exec'd child.
 pub(crate) fn cloexec_from(min: i32) {
