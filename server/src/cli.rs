@@ -261,10 +261,10 @@ pub async fn print_summary(store: &Store, data_dir: &Path, last: u32) -> anyhow:
     Ok(())
 }
 
-/// Installs the log subscriber (stderr; level from `RUST_LOG`, default `info`).
-pub fn init_logging(format: LogFormat) {
+/// Installs the log subscriber (stderr; level from `RUST_LOG`, else `default_level`).
+pub fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let fmt = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);

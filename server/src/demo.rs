@@ -84,7 +84,12 @@ pub async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let data_dir = cli.data_dir.join("demo-server");
     let agent_dir = cli.data_dir.join("demo-agent");
     let run_dir = cli.data_dir.join("demo-run");
-    for d in [&data_dir, &agent_dir, &run_dir] {
+    for d in [
+        &data_dir,
+        &agent_dir,
+        &run_dir,
+        &cli.data_dir.join("demo-runtime"),
+    ] {
         if d.exists() {
             std::fs::remove_dir_all(d).with_context(|| format!("cannot clear {}", d.display()))?;
         }
@@ -123,6 +128,11 @@ pub async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
         .arg(&notebook.kernel)
         .env("NBAGENT_TOKEN", token.to_string())
         .env("KERNEL_USERNAME", &a.kernel_user)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env("NBAGENT_RUNTIME_DIR", cli.data_dir.join("demo-runtime"))
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot run {}", supervisor_bin.display()))?;
