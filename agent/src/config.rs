@@ -129,6 +129,21 @@ pub struct AgentArgs {
     #[arg(long, env = "NBAGENT_RUNTIME_DIR", default_value = "/run/nbagent")]
     pub runtime_dir: PathBuf,
 
+    /// Do not checkpoint the kernel after every cell (reactive re-runs then
+    /// re-execute from the top).
+    #[arg(long, env = "NBAGENT_NO_CHECKPOINTS")]
+    pub no_checkpoints: bool,
+
+    /// Where checkpoints are kept [default: <state-dir>/checkpoints]. A tmpfs keeps
+    /// them in memory.
+    #[arg(long, env = "NBAGENT_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+
+    /// Most megabytes of checkpoint images kept; older ones off the notebook's current
+    /// path are evicted first.
+    #[arg(long, env = "NBAGENT_CHECKPOINT_BUDGET_MB", default_value_t = 8192)]
+    pub checkpoint_budget_mb: u64,
+
     /// Do not start a kernel (only the channel; implied by --workload).
     #[arg(long, env = "NBAGENT_NO_KERNEL")]
     pub no_kernel: bool,

@@ -139,6 +139,12 @@ pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
             let p = std::path::PathBuf::from(DEFAULT_CRIU);
             p.exists().then_some(p)
         }),
+        checkpoints: !args.no_checkpoints,
+        checkpoint_dir: args
+            .checkpoint_dir
+            .clone()
+            .unwrap_or_else(|| args.state_dir.join("checkpoints")),
+        checkpoint_budget: args.checkpoint_budget_mb.saturating_mul(1 << 20),
     }
 }
 

@@ -76,6 +76,60 @@ async fn print_features(state: &crate::state::ServerState) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Reactive mode: edit a late cell and re-run from it (the agent restores the
+/// checkpoint taken after the cell before it), then re-run the same edited notebook
+/// from the top, and compare.
+async fn reactive_demo(
+    state: &crate::state::ServerState,
+    notebook: &Notebook,
+    timeout_secs: u64,
+) -> anyhow::Result<()> {
+    let checkpoints = state.store.messages_of_kind(AGENT, "checkpoint").await?;
+    let created = checkpoints
+        .iter()
+        .filter(|m| m.header.contains("\"created\""))
+        .count();
+    println!("== reactive mode: {created} checkpoints taken after the cells above");
+    let Some(edit) = notebook.cells.len().checked_sub(2) else {
+        return Ok(());
+    };
+    let mut edited = notebook.cells.clone();
+    edited[edit].code.push_str("\nprint(\"(edited)\")");
+    println!(
+        "== editing cell {edit} [{}] and re-running from it",
+        edited[edit].id
+    );
+    let timeout = Duration::from_secs(timeout_secs);
+    let t = Instant::now();
+    let rewound = run::run_from(state, AGENT, "reactive-1", &edited, edit, timeout).await?;
+    let rewind = t.elapsed();
+    for r in &rewound {
+        let i = r.request.rsplit('/').next().unwrap_or("?");
+        print_cell(i.parse().unwrap_or(0), r);
+    }
+    let t = Instant::now();
+    let from_top = run::run_from(state, AGENT, "reactive-top", &edited, 0, timeout).await?;
+    let top = t.elapsed();
+    println!(
+        "== re-run from cell {edit}: {:.2}s for {} cells (restore + re-run); from the top: \
+         {:.2}s for {} cells (fresh kernel + re-run); {:.1}x faster",
+        rewind.as_secs_f64(),
+        rewound.len(),
+        top.as_secs_f64(),
+        from_top.len(),
+        top.as_secs_f64() / rewind.as_secs_f64().max(1e-6)
+    );
+    let same = rewound
+        .iter()
+        .zip(from_top.iter().skip(edit))
+        .all(|(a, b)| a.outputs == b.outputs && a.status == b.status);
+    println!(
+        "== the re-run cells' outputs {} those of the run from the top",
+        if same { "equal" } else { "DIFFER FROM" }
+    );
+    Ok(())
+}
+
 /// Runs the demo.
 pub async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
     let agent_bin = sibling("nbagent", &a.agent_bin)?;
@@ -168,6 +222,8 @@ pub async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
         "== notebook finished in {:.2}s (agent start, kernel start and all cells)",
         elapsed.as_secs_f64()
     );
+    reactive_demo(&server.state, &notebook, a.timeout_secs).await?;
+
     println!("== what the agent can do here (its capability report):");
     print_features(&server.state).await?;
 

@@ -187,6 +187,58 @@ pub async fn run_cells(
     wait_for_cells(state, agent, &requests, timeout, progress).await
 }
 
+/// Reactive mode: asks the agent to bring its kernel to the state after
+/// `cells[..from]` and run the rest, and waits until the last cell has finished.
+/// Returns the results of the cells the agent executed (the ones after the checkpoint
+/// it restored, or all of them if it re-executed from the top), in order.
+pub async fn run_from(
+    state: &ServerState,
+    agent: &str,
+    run: &str,
+    cells: &[CellSource],
+    from: usize,
+    timeout: Duration,
+) -> Result<Vec<CellResult>, RunError> {
+    state
+        .submit(
+            agent,
+            &Message::RunFrom {
+                request: run.to_owned(),
+                cells: cells.to_vec(),
+                from: u32::try_from(from).unwrap_or(u32::MAX),
+            },
+        )
+        .await?;
+    let Some(last) = cells.len().checked_sub(1) else {
+        return Ok(Vec::new());
+    };
+    wait_for_cells(state, agent, &[request_id(run, last)], timeout, |_| {}).await?;
+    let prefix = format!("{run}/");
+    let mut out = Vec::new();
+    for m in state.store.messages_of_kind(agent, "cell_finished").await? {
+        if let Some(Message::CellFinished {
+            request,
+            cell,
+            status,
+            execution_count,
+            duration_ms,
+        }) = decode(&m)
+            && request.starts_with(&prefix)
+        {
+            let outputs = outputs_of(state, agent, &request).await?;
+            out.push(CellResult {
+                request,
+                cell,
+                status,
+                execution_count,
+                duration_ms,
+                outputs,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// A short human-readable rendering of one output, for the CLI.
 pub fn render_output(o: &OutputContent) -> String {
     fn bundle(data: &serde_json::Value) -> String {

@@ -36,7 +36,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use super::sys::{RealSys, Sys, SysError};
+use super::sys::{Call, RealSys, Sys, SysError};
 
 /// The first argument that selects the init in `nbagent`'s `main`.
 pub const INIT_ARG: &str = "__kernel-init";
@@ -168,7 +168,41 @@ impl InitError {
     }
 }
 
-/// Drops privileges to the user of `config`, in order; stops at the first failure.
+/// The steps that turn the kernel process into the notebook user with nothing, in
+/// order (run in the kernel's process between fork and exec; see [`start`]).
+pub fn privilege_steps(config: &InitConfig) -> Vec<Call> {
+    vec![
+        Call::Setgroups(config.groups.clone()),
+        Call::Setresgid(config.gid),
+        Call::DropBoundingSet,
+        Call::ClearAmbient,
+        Call::Setresuid(config.uid),
+        Call::ClearCaps,
+        Call::NoNewPrivs,
+        Call::Dumpable,
+        Call::Chdir(config.cwd.clone()),
+    ]
+}
+
+/// Performs one step of [`privilege_steps`].
+pub fn apply(sys: &dyn Sys, call: &Call) -> Result<(), SysError> {
+    match call {
+        Call::Setsid => sys.setsid(),
+        Call::Setgroups(g) => sys.setgroups(g),
+        Call::Setresgid(g) => sys.setresgid(*g),
+        Call::DropBoundingSet => sys.drop_bounding_set(),
+        Call::ClearAmbient => sys.clear_ambient(),
+        Call::Setresuid(u) => sys.setresuid(*u),
+        Call::ClearCaps => sys.clear_caps(),
+        Call::NoNewPrivs => sys.set_no_new_privs(),
+        Call::Dumpable => sys.set_dumpable(),
+        Call::Chdir(d) => sys.chdir(d),
+    }
+}
+
+/// The init's own `setsid`, then every step of [`privilege_steps`], in order; stops at
+/// the first failure. (The init runs the first part itself and the kernel process the
+/// rest; this is the whole sequence, for tests.)
 pub fn drop_privileges(sys: &dyn Sys, config: &InitConfig) -> Result<(), InitError> {
     let err = |source| InitError::Privileges {
         user: config.user.clone(),
@@ -176,14 +210,9 @@ pub fn drop_privileges(sys: &dyn Sys, config: &InitConfig) -> Result<(), InitErr
         source,
     };
     sys.setsid().map_err(err)?;
-    sys.setgroups(&config.groups).map_err(err)?;
-    sys.setresgid(config.gid).map_err(err)?;
-    sys.drop_bounding_set().map_err(err)?;
-    sys.clear_ambient().map_err(err)?;
-    sys.setresuid(config.uid).map_err(err)?;
-    sys.clear_caps().map_err(err)?;
-    sys.set_no_new_privs().map_err(err)?;
-    sys.chdir(&config.cwd).map_err(err)?;
+    for step in privilege_steps(config) {
+        apply(sys, &step).map_err(err)?;
+    }
     Ok(())
 }
 
@@ -262,7 +291,10 @@ fn send_report(out: &mut File, report: &InitReport) {
 
 /// Drops privileges, starts the kernel, reports to `report`, then forwards signals and
 /// reaps children until the kernel exits; returns the init's exit status.
-pub fn run(sys: &dyn Sys, config: &InitConfig, report: Option<OwnedFd>) -> Result<u8, InitError> {
+pub fn run<S>(sys: &S, config: &InitConfig, report: Option<OwnedFd>) -> Result<u8, InitError>
+where
+    S: Sys + Clone + Send + Sync + 'static,
+{
     let mut report = report.map(File::from);
     let started = start(sys, config);
     let (kernel, mask) = match started {
@@ -286,8 +318,24 @@ pub fn run(sys: &dyn Sys, config: &InitConfig, report: Option<OwnedFd>) -> Resul
     supervise(kernel, &mask, &config.kernel)
 }
 
-fn start(sys: &dyn Sys, config: &InitConfig) -> Result<(Pid, SigSet), InitError> {
-    drop_privileges(sys, config)?;
+/// Starts the kernel. The init itself stays root, in a new session: CRIU injects its
+/// parasite into the root of the dumped tree, and for a tree with its own PID namespace
+/// the parasite mounts a procfs of that namespace, which needs CAP_SYS_ADMIN there. The
+/// init does nothing but reap and forward signals, takes no input from the kernel, and
+/// the kernel (another uid, no capabilities) can neither signal nor ptrace it. The
+/// kernel process drops to the notebook user with no capabilities between fork and
+/// exec ([`privilege_steps`]); a failed step is sent back on a close-on-exec pipe and
+/// named in the error.
+fn start<S>(sys: &S, config: &InitConfig) -> Result<(Pid, SigSet), InitError>
+where
+    S: Sys + Clone + Send + Sync + 'static,
+{
+    let privileges = |source| InitError::Privileges {
+        user: config.user.clone(),
+        uid: config.uid,
+        source,
+    };
+    sys.setsid().map_err(privileges)?;
     let mut mask = SigSet::empty();
     for s in FORWARDED {
         mask.add(s);
@@ -297,16 +345,45 @@ fn start(sys: &dyn Sys, config: &InitConfig) -> Result<(Pid, SigSet), InitError>
     // kernel starts with an empty mask (`reset_signals_on_exec`).
     mask.thread_block().map_err(InitError::Signals)?;
     let (program, rest) = config.argv.split_first().ok_or(InitError::EmptyArgv)?;
+    let (status_r, status_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| InitError::Spawn {
+            program: program.clone(),
+            source: io::Error::from(e),
+        })?;
     let mut cmd = std::process::Command::new(program);
-    cmd.args(rest)
-        .env_clear()
-        .envs(&config.env)
-        .current_dir(&config.cwd);
+    cmd.args(rest).env_clear().envs(&config.env);
     super::sys::reset_signals_on_exec(&mut cmd);
-    let child = cmd.spawn().map_err(|source| InitError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
+    super::sys::drop_privileges_on_exec(&mut cmd, sys.clone(), privilege_steps(config), status_w);
+    let spawned = cmd.spawn();
+    // The parent's copy of the write end is gone with `cmd`: read to the end.
+    drop(cmd);
+    let failed = std::io::read_to_string(File::from(status_r)).unwrap_or_default();
+    let child = match spawned {
+        Ok(c) => c,
+        Err(source) => {
+            let steps = privilege_steps(config);
+            if let Some((i, errno)) = failed.split_once(' ').and_then(|(i, rest)| {
+                let errno = rest.split_whitespace().next()?.parse::<i32>().ok()?;
+                Some((i.parse::<usize>().ok()?, errno))
+            }) && let Some(call) = steps.get(i)
+            {
+                let detail = failed.splitn(3, ' ').nth(2).unwrap_or("").to_owned();
+                let source = if errno > 0 {
+                    io::Error::from_raw_os_error(errno)
+                } else {
+                    io::Error::other(detail)
+                };
+                return Err(privileges(SysError {
+                    call: call.clone(),
+                    source,
+                }));
+            }
+            return Err(InitError::Spawn {
+                program: program.clone(),
+                source,
+            });
+        }
+    };
     // The child is reaped by `supervise` with waitpid(-1), never through `Child`.
     let pid = i32::try_from(child.id()).map_err(|_| InitError::Spawn {
         program: program.clone(),
@@ -414,6 +491,7 @@ mod tests {
                 Call::Setresuid(1001),
                 Call::ClearCaps,
                 Call::NoNewPrivs,
+                Call::Dumpable,
                 Call::Chdir("/home/nbuser".into()),
             ]
         );

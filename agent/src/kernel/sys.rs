@@ -41,6 +41,10 @@ pub enum Call {
     ClearCaps,
     /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
     NoNewPrivs,
+    /// `prctl(PR_SET_DUMPABLE, 1)`: changing uid made the process non-dumpable, which
+    /// would keep CRIU's parasite (running as the notebook user) out of its own
+    /// `/proc` entries. The process has no privileges left to protect.
+    Dumpable,
     /// `chdir(dir)`.
     Chdir(PathBuf),
 }
@@ -59,6 +63,7 @@ impl fmt::Display for Call {
                 "clear the effective, permitted and inheritable capabilities"
             ),
             Call::NoNewPrivs => write!(f, "set PR_SET_NO_NEW_PRIVS"),
+            Call::Dumpable => write!(f, "set PR_SET_DUMPABLE"),
             Call::Chdir(d) => write!(f, "chdir to {}", d.display()),
         }
     }
@@ -94,6 +99,8 @@ pub trait Sys {
     fn clear_caps(&self) -> Result<(), SysError>;
     /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
     fn set_no_new_privs(&self) -> Result<(), SysError>;
+    /// `prctl(PR_SET_DUMPABLE, 1)` (see [`Call::Dumpable`]).
+    fn set_dumpable(&self) -> Result<(), SysError>;
     /// `chdir(dir)`.
     fn chdir(&self, dir: &Path) -> Result<(), SysError>;
 }
@@ -192,6 +199,10 @@ impl Sys for RealSys {
         nix::sys::prctl::set_no_new_privs().map_err(errno(Call::NoNewPrivs))
     }
 
+    fn set_dumpable(&self) -> Result<(), SysError> {
+        nix::sys::prctl::set_dumpable(true).map_err(errno(Call::Dumpable))
+    }
+
     fn chdir(&self, dir: &Path) -> Result<(), SysError> {
         nix::unistd::chdir(dir).map_err(errno(Call::Chdir(dir.to_owned())))
     }
@@ -199,9 +210,9 @@ impl Sys for RealSys {
 
 /// A fake that records the calls in order and fails the first call matching
 /// [`RecordingSys::fail_on`].
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RecordingSys {
-    calls: Mutex<Vec<Call>>,
+    calls: std::sync::Arc<Mutex<Vec<Call>>>,
     fail: Option<fn(&Call) -> bool>,
 }
 
@@ -214,7 +225,7 @@ impl RecordingSys {
     /// A fake on which calls matching `pred` fail with EPERM (after being recorded).
     pub fn fail_on(pred: fn(&Call) -> bool) -> Self {
         Self {
-            calls: Mutex::new(Vec::new()),
+            calls: std::sync::Arc::new(Mutex::new(Vec::new())),
             fail: Some(pred),
         }
     }
@@ -264,6 +275,9 @@ impl Sys for RecordingSys {
     }
     fn set_no_new_privs(&self) -> Result<(), SysError> {
         self.record(Call::NoNewPrivs)
+    }
+    fn set_dumpable(&self) -> Result<(), SysError> {
+        self.record(Call::Dumpable)
     }
     fn chdir(&self, dir: &Path) -> Result<(), SysError> {
         self.record(Call::Chdir(dir.to_owned()))
@@ -424,6 +438,37 @@ pub(crate) fn reset_signals_on_exec(cmd: &mut std::process::Command) {
                 nix::sys::signal::SigHandler::SigDfl,
             )
             .map_err(io::Error::from)?;
+            Ok(())
+        })
+    };
+}
+
+/// Makes the child of `cmd` perform `steps` (see `init::privilege_steps`) between
+/// fork and exec. On a failure the child writes `"<step index> <errno> <message>"` to
+/// `status` (close-on-exec, so a successful exec leaves it empty) and the spawn fails.
+pub(crate) fn drop_privileges_on_exec<S>(
+    cmd: &mut std::process::Command,
+    sys: S,
+    steps: Vec<Call>,
+    status: OwnedFd,
+) where
+    S: Sys + Send + Sync + 'static,
+{
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec. The init that
+    // spawns the kernel is single-threaded (it never starts a thread), so the child
+    // is a full copy of a one-thread process: allocating and formatting are safe, no
+    // lock can be held by a thread that no longer exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, step) in steps.iter().enumerate() {
+                if let Err(e) = crate::kernel::init::apply(&sys, step) {
+                    let msg = format!("{i} {} {}", e.source.raw_os_error().unwrap_or(0), e.source);
+                    let _ = nix::unistd::write(&status, msg.as_bytes());
+                    return Err(io::Error::other(msg));
+                }
+            }
             Ok(())
         })
     };

@@ -21,6 +21,7 @@
 //! agent listened are lost (ZeroMQ PUB drops them); the runtime reports that as an
 //! `output_gap` instead of hiding it.
 
+pub mod reactive;
 pub mod record;
 pub mod report;
 
@@ -28,7 +29,8 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nbagent_protocol::{CellStatus, Frame, KernelState, Message, OutputContent};
+use nbagent_checkpoint::store::CheckpointId;
+use nbagent_protocol::{CellStatus, CheckpointEvent, Frame, KernelState, Message, OutputContent};
 use tokio::sync::mpsc;
 use tracing::{debug, info, instrument, warn};
 
@@ -75,8 +77,14 @@ pub struct RuntimeConfig {
     pub start_timeout: Duration,
     /// `/proc`.
     pub proc_root: PathBuf,
-    /// The CRIU binary, if configured (for the capability report).
+    /// The CRIU binary, if configured (for the capability report and checkpoints).
     pub criu: Option<PathBuf>,
+    /// Whether to checkpoint the kernel after every cell (reactive mode).
+    pub checkpoints: bool,
+    /// Where checkpoints are stored.
+    pub checkpoint_dir: PathBuf,
+    /// Most bytes of checkpoint images kept.
+    pub checkpoint_budget: u64,
 }
 
 /// How the runtime ended.
@@ -108,6 +116,8 @@ enum Process {
     /// Adopted from a previous agent: not our child; death is seen in /proc and the
     /// exit status comes from nbsupervisor's exit record.
     Adopted { pid: i32, start_ticks: u64 },
+    /// Restored from a checkpoint by CRIU as our child (`rst_sibling`).
+    Restored { pid: i32, exit: Option<Exit> },
 }
 
 /// How a kernel process ended.
@@ -158,15 +168,55 @@ impl std::fmt::Debug for Kernel {
 
 impl Kernel {
     fn pid(&self) -> i32 {
-        match &self.process {
+        self.process.pid()
+    }
+
+    /// The kernel's ZeroMQ ports (connections to them are the agent's).
+    fn ports(&self) -> std::collections::BTreeSet<u16> {
+        serde_json::from_value::<ConnectionInfo>(self.record.connection.clone())
+            .map(|i| {
+                [
+                    i.shell_port,
+                    i.iopub_port,
+                    i.stdin_port,
+                    i.control_port,
+                    i.hb_port,
+                ]
+                .into_iter()
+                .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `Some` once the process is gone.
+    fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
+        self.process.poll_exit(cfg)
+    }
+}
+
+impl Process {
+    fn pid(&self) -> i32 {
+        match self {
             Process::Child(p) => p.pid(),
-            Process::Adopted { pid, .. } => *pid,
+            Process::Adopted { pid, .. } | Process::Restored { pid, .. } => *pid,
         }
     }
 
     /// `Some` once the process is gone.
     fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
-        match &mut self.process {
+        match self {
+            Process::Restored { pid, exit } => {
+                if exit.is_none() {
+                    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+                    match waitpid(nix::unistd::Pid::from_raw(*pid), Some(WaitPidFlag::WNOHANG)) {
+                        Ok(WaitStatus::StillAlive) => {}
+                        Ok(st) => *exit = KernelExit::from_init(st).map(Exit::from),
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(_) => *exit = Some(Exit::default()),
+                    }
+                }
+                *exit
+            }
             Process::Child(p) => match p.try_wait() {
                 Ok(Some(e)) => Some(e.into()),
                 Ok(None) => None,
@@ -186,7 +236,9 @@ impl Kernel {
             }
         }
     }
+}
 
+impl Kernel {
     /// Resolves when the kernel process has exited.
     async fn wait_exit(&mut self, cfg: &RuntimeConfig) -> Exit {
         let mut tick = tokio::time::interval(DEATH_POLL);
@@ -358,6 +410,16 @@ pub struct Runtime {
     queue: VecDeque<Pending>,
     /// Why the last start failed, shown on cells that cannot run.
     start_error: Option<String>,
+    /// Checkpoints (reactive mode), when CRIU is usable.
+    ckpt: Option<reactive::Checkpointer>,
+    /// Why checkpoints are off, when they are.
+    ckpt_off: Option<String>,
+    /// The checkpoint-store entry of the last cell run in the current kernel: the
+    /// predecessor of the next one (`None` for a fresh kernel).
+    last_entry: Option<CheckpointId>,
+    /// The notebook's cells as of the last run-from, `(id, code hash)`, to keep their
+    /// checkpoints from eviction.
+    notebook: Vec<(String, String)>,
 }
 
 /// What happened while a cell ran.
@@ -377,6 +439,267 @@ impl Runtime {
             kernel: None,
             queue: VecDeque::new(),
             start_error: None,
+            ckpt: None,
+            ckpt_off: None,
+            last_entry: None,
+            notebook: Vec::new(),
+        }
+    }
+
+    /// Opens the checkpoint engine if CRIU may be used here (`features` is the
+    /// capability report), else records why reactive mode re-executes instead.
+    async fn open_checkpoints(&mut self, features: &[nbagent_protocol::Feature]) {
+        let off = |why: String| {
+            info!(reason = %why, "checkpoints off: reactive re-runs re-execute from the top");
+            Some(why)
+        };
+        if !self.cfg.checkpoints {
+            self.ckpt_off = off("checkpoints are disabled (--no-checkpoints)".into());
+            return;
+        }
+        if let Some(f) = features
+            .iter()
+            .find(|f| f.name == "checkpoint" && !f.enabled)
+        {
+            self.ckpt_off = off(format!("{}; {}", f.detail, f.how_to_enable));
+            return;
+        }
+        let Some(criu) = self.cfg.criu.clone() else {
+            self.ckpt_off =
+                off("CRIU not found (install CRIU >= 4.2: scripts/criu.sh, or pass --criu)".into());
+            return;
+        };
+        let (dir, budget, proc_root) = (
+            self.cfg.checkpoint_dir.clone(),
+            self.cfg.checkpoint_budget,
+            self.cfg.proc_root.clone(),
+        );
+        let opened = tokio::task::spawn_blocking(move || {
+            reactive::Checkpointer::open(&criu, &dir, budget, &proc_root)
+        })
+        .await;
+        match opened {
+            Ok(Ok(c)) => self.ckpt = Some(c),
+            Ok(Err(e)) => self.ckpt_off = off(chain(&e)),
+            Err(e) => self.ckpt_off = off(e.to_string()),
+        }
+    }
+
+    /// After a cell: checkpoint the kernel (if the cell succeeded) or record that its
+    /// state is not kept, and report what happened.
+    async fn after_cell(&mut self, p: &Pending, status: CellStatus) {
+        let (Some(ck), Some(k)) = (self.ckpt.as_mut(), self.kernel.as_ref()) else {
+            return;
+        };
+        let pred = self.last_entry.take();
+        if status != CellStatus::Ok {
+            let why = match status {
+                CellStatus::Error => "the cell raised an error",
+                _ => "the cell did not finish",
+            };
+            match ck.skip(&p.cell, &p.code, pred, why) {
+                Ok(id) => self.last_entry = Some(id),
+                Err(e) => {
+                    warn!(error = %chain(&e), "cannot record the cell in the checkpoint store")
+                }
+            }
+            return;
+        }
+        let cells = if self.notebook.is_empty() {
+            Vec::new()
+        } else {
+            self.notebook.clone()
+        };
+        let taken = ck
+            .take(k.pid(), &k.ports(), &p.cell, &p.code, pred, &cells)
+            .await;
+        let msg = match taken {
+            Ok(t) => {
+                self.last_entry = Some(t.id().clone());
+                t
+            }
+            Err(e) => {
+                warn!(error = %chain(&e), "checkpoint failed");
+                let _ = self
+                    .reporter
+                    .checkpoint(&p.cell, "", CheckpointEvent::Failed, 0, 0, &chain(&e))
+                    .await;
+                return;
+            }
+        };
+        match msg {
+            reactive::Taken::Created {
+                id,
+                bytes,
+                duration,
+                evicted,
+            } => {
+                info!(cell = %p.cell, checkpoint = %id, bytes, pause_ms = duration.as_millis() as u64, "checkpoint created");
+                let _ = self
+                    .reporter
+                    .checkpoint(
+                        &p.cell,
+                        id.as_str(),
+                        CheckpointEvent::Created,
+                        bytes,
+                        duration.as_millis() as u64,
+                        "",
+                    )
+                    .await;
+                for e in evicted {
+                    let _ = self
+                        .reporter
+                        .checkpoint(
+                            "",
+                            e.as_str(),
+                            CheckpointEvent::Evicted,
+                            0,
+                            0,
+                            "over the checkpoint budget",
+                        )
+                        .await;
+                }
+            }
+            reactive::Taken::NotRestorable { id, reason } => {
+                warn!(cell = %p.cell, %reason, "cell state not restorable");
+                let _ = self
+                    .reporter
+                    .checkpoint(
+                        &p.cell,
+                        id.as_str(),
+                        CheckpointEvent::NotRestorable,
+                        0,
+                        0,
+                        &reason,
+                    )
+                    .await;
+            }
+            reactive::Taken::Failed {
+                id,
+                reason,
+                duration,
+            } => {
+                warn!(cell = %p.cell, %reason, "checkpoint failed");
+                let _ = self
+                    .reporter
+                    .checkpoint(
+                        &p.cell,
+                        id.as_str(),
+                        CheckpointEvent::Failed,
+                        0,
+                        duration.as_millis() as u64,
+                        &reason,
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// Replaces the live kernel by checkpoint `id`. On failure the kernel is gone
+    /// and the checkpoint is marked unusable.
+    async fn restore(&mut self, id: &CheckpointId, cell: &str) -> Result<Duration, String> {
+        let begun = Instant::now();
+        let Some(old) = self.kernel.take() else {
+            return Err("no kernel to take the connection details from".into());
+        };
+        let mut record = old.record.clone();
+        let (record_path, log) = (old.record_path.clone(), old.log.clone());
+        // The live tree must be gone: its listening ports are the restored kernel's.
+        let mut old = old;
+        signal(old.pid(), nix::sys::signal::Signal::SIGKILL);
+        let _ = old.wait_exit(&self.cfg).await;
+        drop(old);
+        let Some(ck) = self.ckpt.as_mut() else {
+            return Err("checkpoints are off".into());
+        };
+        let restored = ck.restore(id).await;
+        let (pid, criu_time) = match restored {
+            Ok(r) => r,
+            Err(e) => {
+                let why = chain(&e);
+                ck.mark_not_restorable(id, &why);
+                let _ = self
+                    .reporter
+                    .checkpoint(cell, id.as_str(), CheckpointEvent::Failed, 0, 0, &why)
+                    .await;
+                let _ = KernelRecord::remove(&record_path);
+                return Err(why);
+            }
+        };
+        let info: ConnectionInfo = match serde_json::from_value(record.connection.clone()) {
+            Ok(i) => i,
+            Err(e) => return Err(format!("the kernel record has no connection info: {e}")),
+        };
+        let client = match KernelClient::connect(&info, self.cfg.start_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                signal(pid, nix::sys::signal::Signal::SIGKILL);
+                let why = format!("the restored kernel does not answer: {}", chain(&e));
+                ck.mark_not_restorable(id, &why);
+                return Err(why);
+            }
+        };
+        record.pid = pid;
+        record.start_ticks = record::proc_stat(&self.cfg.proc_root, pid)
+            .map(|s| s.start_ticks)
+            .unwrap_or(0);
+        record.running = None;
+        if let Err(e) = record.save(&record_path) {
+            warn!(error = %chain(&e), "cannot update the kernel record");
+        }
+        self.register_watch(pid);
+        let control = client.control();
+        let interrupt = if record.interrupt_by_message {
+            InterruptMode::Message
+        } else {
+            InterruptMode::Signal
+        };
+        self.kernel = Some(Kernel {
+            process: Process::Restored { pid, exit: None },
+            client,
+            control,
+            interrupt,
+            record,
+            record_path,
+            log,
+        });
+        self.last_entry = Some(id.clone());
+        let ready = begun.elapsed();
+        info!(checkpoint = %id, pid, criu_ms = criu_time.as_millis() as u64, ready_ms = ready.as_millis() as u64, "kernel restored");
+        let _ = self
+            .reporter
+            .checkpoint(
+                cell,
+                id.as_str(),
+                CheckpointEvent::Restored,
+                0,
+                ready.as_millis() as u64,
+                "",
+            )
+            .await;
+        let _ = self
+            .reporter
+            .status(
+                KernelState::Restored,
+                &format!(
+                    "restored checkpoint {id} (after cell {cell}) in {} ms",
+                    ready.as_millis()
+                ),
+            )
+            .await;
+        Ok(ready)
+    }
+
+    /// Asks nbsupervisor to record the exit status of `pid` if it outlives us.
+    fn register_watch(&self, pid: i32) {
+        if let Some(run_dir) = &self.cfg.supervisor_run_dir {
+            let watch = run_dir.join("watch");
+            if std::fs::create_dir_all(&watch)
+                .and_then(|()| std::fs::write(watch.join(pid.to_string()), b""))
+                .is_err()
+            {
+                debug!(dir = %watch.display(), "cannot register the kernel with nbsupervisor");
+            }
         }
     }
 
@@ -572,16 +895,7 @@ impl Runtime {
             })??;
         let pid = process.pid();
         let spawned = begun.elapsed();
-        if let Some(run_dir) = &self.cfg.supervisor_run_dir {
-            // Ask nbsupervisor to record the exit status if this kernel outlives us.
-            let watch = run_dir.join("watch");
-            if std::fs::create_dir_all(&watch)
-                .and_then(|()| std::fs::write(watch.join(pid.to_string()), b""))
-                .is_err()
-            {
-                debug!(dir = %watch.display(), "cannot register the kernel with nbsupervisor");
-            }
-        }
+        self.register_watch(pid);
         let record = KernelRecord {
             pid,
             start_ticks: process.start_time(),
@@ -675,6 +989,7 @@ impl Runtime {
             .await
             .unwrap_or_default();
         capabilities::log_features(&features);
+        self.open_checkpoints(&features).await;
         let _ = self.reporter.capabilities(features).await;
         self.kernel = self.adopt().await;
         if self.kernel.is_none() {
@@ -741,33 +1056,69 @@ impl Runtime {
         }
     }
 
-    /// Reactive mode without checkpoints: a fresh kernel and the cells before `from`
-    /// re-executed, then the rest.
+    /// Reactive mode: bring the kernel to the state after `cells[..from]` and run
+    /// `cells[from..]`. Restores the nearest usable checkpoint at or before cell
+    /// `from - 1` and re-executes the cells after it; without one (or without CRIU) a
+    /// fresh kernel re-executes from the top.
+    #[instrument(skip_all, fields(request, from))]
     async fn run_from(
         &mut self,
         request: &str,
         cells: Vec<nbagent_protocol::CellSource>,
         from: u32,
     ) {
-        info!(
-            request,
-            from,
-            cells = cells.len(),
-            "run from: re-executing from the top"
-        );
-        self.restart("run from a cell: re-executing from the top (no checkpoints)")
-            .await;
-        for (i, c) in cells.into_iter().enumerate() {
+        let from = (from as usize).min(cells.len());
+        let keys: Vec<(String, String)> = cells
+            .iter()
+            .map(|c| (c.id.clone(), reactive::code_hash(&c.code)))
+            .collect();
+        self.notebook = keys.clone();
+        let mut start = 0;
+        if from > 0 {
+            // Try checkpoints from the nearest backwards; a failed restore marks that
+            // one unusable and the next nearest is tried.
+            for _attempt in 0..4 {
+                let Some((index, id)) = self.ckpt.as_ref().and_then(|c| c.nearest(&keys, from - 1))
+                else {
+                    break;
+                };
+                if !self.ensure_kernel().await {
+                    break;
+                }
+                match self.restore(&id, &cells[index].id).await {
+                    Ok(t) => {
+                        info!(checkpoint = %id, after_cell = index, ready_ms = t.as_millis() as u64, "rewound");
+                        start = index + 1;
+                        break;
+                    }
+                    Err(why) => {
+                        warn!(checkpoint = %id, %why, "restore failed; trying an earlier checkpoint");
+                    }
+                }
+            }
+        }
+        if start == 0 {
+            let why = match (&self.ckpt, &self.ckpt_off) {
+                (None, Some(off)) => {
+                    format!("re-executing from the top: checkpoints are off ({off})")
+                }
+                _ if from == 0 => "running from the first cell: fresh kernel".to_owned(),
+                _ => "re-executing from the top: no usable checkpoint on this path".to_owned(),
+            };
+            info!(request, from, "{why}");
+            self.restart(&why).await;
+        }
+        for (i, c) in cells.into_iter().enumerate().skip(start) {
             self.queue.push_back(Pending {
                 request: format!("{request}/{i}"),
                 cell: c.id,
                 code: c.code,
             });
         }
-        let _ = from;
     }
 
     async fn restart(&mut self, why: &str) {
+        self.last_entry = None;
         let _ = self.reporter.status(KernelState::Restarting, why).await;
         if let Some(k) = self.kernel.take() {
             let exit = k.stop(&self.cfg).await;
@@ -885,15 +1236,12 @@ impl Runtime {
                 interrupt,
                 ..
             } = kernel;
-            let pid = match process {
-                Process::Child(p) => p.pid(),
-                Process::Adopted { pid, .. } => *pid,
-            };
+            let pid = process.pid();
             let exec = client.execute_to(&p.code, &tx);
             tokio::pin!(exec);
             let mut death_tick = tokio::time::interval(DEATH_POLL);
             death_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut process_ref = process;
+            let process_ref = process;
             loop {
                 tokio::select! {
                     r = &mut exec => {
@@ -910,18 +1258,7 @@ impl Runtime {
                         break;
                     }
                     _ = death_tick.tick() => {
-                        let gone = match &mut process_ref {
-                            Process::Child(k) => match k.try_wait() {
-                                Ok(Some(e)) => Some(Exit::from(e)),
-                                Ok(None) => None,
-                                Err(_) => Some(Exit::default()),
-                            },
-                            Process::Adopted { pid, start_ticks } => {
-                                let alive = record::proc_stat(&self.cfg.proc_root, *pid)
-                                    .is_some_and(|s| s.start_ticks == *start_ticks && s.state != 'Z');
-                                (!alive).then(|| read_exit_record(&self.cfg, *pid))
-                            }
-                        };
+                        let gone = process_ref.poll_exit(&self.cfg);
                         if let Some(e) = gone {
                             died = Some(e);
                             status = CellStatus::KernelDied;
@@ -979,7 +1316,11 @@ impl Runtime {
                 begun.elapsed().as_millis() as u64,
             )
             .await;
+        if died.is_none() && matches!(end, CellEnd::Done) && status != CellStatus::Aborted {
+            self.after_cell(&p, status).await;
+        }
         if let Some(exit) = died {
+            self.last_entry = None;
             self.kernel_died(exit, Some(&p)).await;
         } else if status == CellStatus::Aborted && matches!(end, CellEnd::Done) {
             // The client's state is unknown after a failed execution: reconnect.

@@ -3,7 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use nbagent_protocol::{CellStatus, Feature, KernelState, Message, OutputContent};
+use nbagent_protocol::{CellStatus, CheckpointEvent, Feature, KernelState, Message, OutputContent};
 
 use crate::outputs::extract_blobs;
 use crate::sender::{SendError, Sender};
@@ -128,6 +128,28 @@ impl Reporter {
     pub async fn gap(&self, cell: Option<&str>, reason: &str) -> Result<(), SendError> {
         self.send(Message::OutputGap {
             cell: cell.map(str::to_owned),
+            reason: reason.to_owned(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// A checkpoint event.
+    pub async fn checkpoint(
+        &self,
+        cell: &str,
+        checkpoint: &str,
+        event: CheckpointEvent,
+        bytes: u64,
+        duration_ms: u64,
+        reason: &str,
+    ) -> Result<(), SendError> {
+        self.send(Message::Checkpoint {
+            cell: cell.to_owned(),
+            checkpoint: checkpoint.to_owned(),
+            event,
+            bytes,
+            duration_ms,
             reason: reason.to_owned(),
         })
         .await

@@ -1,0 +1,465 @@
+//! Reactive mode: a CRIU checkpoint of the kernel after every cell, and the choice of
+//! which checkpoint to restore when the user re-runs from cell k.
+//!
+//! Every executed cell gets an entry in the checkpoint store keyed by (notebook, cell,
+//! hash of its code, entry of the previous cell in this kernel), so entries form a tree
+//! of execution paths rooted at a fresh kernel. A cell that ran but could not be
+//! checkpointed (it raised, it keeps a TCP connection open, the dump failed) still gets
+//! an entry, marked unusable with the reason: the path goes through it, and a later
+//! cell's checkpoint stays reachable. To re-run from cell k the engine asks the store
+//! for the nearest usable entry on the notebook's current path at or before k-1,
+//! restores it, and re-executes the cells after it.
+//!
+//! What makes a checkpoint unsafe to restore is checked by looking at the kernel's
+//! processes right after the cell, before dumping:
+//! - an established TCP connection other than the agent's own ZeroMQ connections
+//!   (CRIU would bring it back closed, with `tcp_close`), and
+//! - regular files held open for writing without `O_APPEND`: their sizes are recorded
+//!   with the checkpoint and compared before a restore (CRIU refuses a file whose size
+//!   changed, and the program's file offset would no longer match).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nbagent_checkpoint::store::{CheckpointId, CheckpointKey, Outcome, Store, StoreConfig};
+use nbagent_checkpoint::{Criu, CriuConfig, DumpOptions, RestoreOptions};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::{debug, info, warn};
+
+/// The file, in a checkpoint's directory, listing files the kernel held open.
+const OPEN_FILES: &str = "nbagent-open-files.json";
+
+/// Notebook id used in the store when the server does not name one.
+pub const DEFAULT_NOTEBOOK: &str = "notebook";
+
+/// Hash of a cell's code, as used in checkpoint keys.
+pub fn code_hash(code: &str) -> String {
+    hex::encode(Sha256::digest(code.as_bytes()))
+}
+
+/// A file the kernel held open for writing (not append-only) at a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldFile {
+    /// Its path.
+    pub path: PathBuf,
+    /// Its size at the checkpoint.
+    pub size: u64,
+}
+
+/// What the kernel's processes hold that matters for a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inspection {
+    /// Established TCP connections that are not the agent's (`local -> remote`).
+    pub tcp: Vec<String>,
+    /// Regular files open for writing without `O_APPEND`.
+    pub files: Vec<HeldFile>,
+}
+
+/// Looks at the processes `pids` under `proc_root`. `own_ports` are the kernel's
+/// ZeroMQ ports: connections to them are the agent's and are not counted.
+pub fn inspect(proc_root: &Path, pids: &[i32], own_ports: &BTreeSet<u16>) -> Inspection {
+    let mut out = Inspection::default();
+    let mut inodes = BTreeSet::new();
+    let mut seen_files = BTreeSet::new();
+    for &pid in pids {
+        let fd_dir = proc_root.join(pid.to_string()).join("fd");
+        let Ok(fds) = std::fs::read_dir(&fd_dir) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let t = target.to_string_lossy();
+            if let Some(inode) = t
+                .strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                inodes.insert(inode);
+                continue;
+            }
+            if !target.is_absolute() || !target.is_file() {
+                continue;
+            }
+            let info = proc_root
+                .join(pid.to_string())
+                .join("fdinfo")
+                .join(fd.file_name());
+            let Some(flags) = std::fs::read_to_string(&info).ok().and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            }) else {
+                continue;
+            };
+            const O_ACCMODE: u32 = 0o3;
+            const O_APPEND: u32 = 0o2000;
+            let writable = flags & O_ACCMODE != 0;
+            if writable && flags & O_APPEND == 0 && seen_files.insert(target.clone()) {
+                let size = std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
+                out.files.push(HeldFile { path: target, size });
+            }
+        }
+    }
+    if let Some(&pid) = pids.first() {
+        for table in ["tcp", "tcp6"] {
+            let path = proc_root.join(pid.to_string()).join("net").join(table);
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            for line in text.lines().skip(1) {
+                if let Some(c) = parse_tcp_line(line)
+                    && c.state == 1
+                    && inodes.contains(&c.inode)
+                    && !own_ports.contains(&c.local_port)
+                    && !own_ports.contains(&c.remote_port)
+                {
+                    out.tcp.push(format!("{} -> {}", c.local, c.remote));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One row of `/proc/net/tcp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TcpRow {
+    local: String,
+    local_port: u16,
+    remote: String,
+    remote_port: u16,
+    state: u8,
+    inode: u64,
+}
+
+fn parse_addr(s: &str) -> Option<(String, u16)> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = if ip.len() == 8 {
+        let n = u32::from_str_radix(ip, 16).ok()?;
+        std::net::Ipv4Addr::from(n.swap_bytes()).to_string()
+    } else {
+        format!("[{ip}]")
+    };
+    Some((format!("{ip}:{port}"), port))
+}
+
+fn parse_tcp_line(line: &str) -> Option<TcpRow> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (local, local_port) = parse_addr(f.get(1)?)?;
+    let (remote, remote_port) = parse_addr(f.get(2)?)?;
+    Some(TcpRow {
+        local,
+        local_port,
+        remote,
+        remote_port,
+        state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+        inode: f.get(9)?.parse().ok()?,
+    })
+}
+
+/// What happened to one cell's checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// Stored.
+    Created {
+        /// Its id.
+        id: CheckpointId,
+        /// Bytes stored.
+        bytes: u64,
+        /// The pause.
+        duration: Duration,
+        /// Checkpoints evicted to stay within the budget.
+        evicted: Vec<CheckpointId>,
+    },
+    /// The state after this cell cannot be restored; the entry keeps the path.
+    NotRestorable {
+        /// The entry.
+        id: CheckpointId,
+        /// Why.
+        reason: String,
+    },
+    /// The dump failed.
+    Failed {
+        /// The entry.
+        id: CheckpointId,
+        /// Why.
+        reason: String,
+        /// How long it took.
+        duration: Duration,
+    },
+}
+
+impl Taken {
+    /// The entry recorded for the cell.
+    pub fn id(&self) -> &CheckpointId {
+        match self {
+            Taken::Created { id, .. }
+            | Taken::NotRestorable { id, .. }
+            | Taken::Failed { id, .. } => id,
+        }
+    }
+}
+
+/// Errors of the checkpoint engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReactiveError {
+    /// The store failed.
+    #[error("checkpoint store")]
+    Store(#[from] nbagent_checkpoint::store::StoreError),
+    /// CRIU failed.
+    #[error("criu")]
+    Criu(#[from] nbagent_checkpoint::CriuError),
+    /// A file the checkpoint depends on changed.
+    #[error("{0}")]
+    Unsafe(String),
+    /// The blocking task failed.
+    #[error("checkpoint task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// The checkpoint engine: CRIU plus the store.
+#[derive(Debug)]
+pub struct Checkpointer {
+    criu: std::sync::Arc<Criu>,
+    store: Store,
+    notebook: String,
+    proc_root: PathBuf,
+}
+
+impl Checkpointer {
+    /// Opens the store under `root` and checks CRIU. `Err` says why reactive mode
+    /// falls back to re-execution.
+    pub fn open(
+        criu_binary: &Path,
+        root: &Path,
+        budget_bytes: u64,
+        proc_root: &Path,
+    ) -> Result<Self, ReactiveError> {
+        let criu = Criu::new(CriuConfig::with_binary(criu_binary));
+        let probe = criu.probe()?;
+        info!(
+            version = %probe.version,
+            incremental = probe.mem_dirty_track,
+            lazy = probe.lazy_pages,
+            "checkpoints on"
+        );
+        let store = Store::open(StoreConfig::new(root, budget_bytes))?;
+        Ok(Self {
+            criu: std::sync::Arc::new(criu),
+            store,
+            notebook: DEFAULT_NOTEBOOK.into(),
+            proc_root: proc_root.to_owned(),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn key(&self, cell: &str, code: &str, predecessor: Option<CheckpointId>) -> CheckpointKey {
+        CheckpointKey {
+            notebook: self.notebook.clone(),
+            cell: cell.to_owned(),
+            code_hash: code_hash(code),
+            predecessor,
+        }
+    }
+
+    /// Records that `cell` ran but its state is not kept (it raised, or the kernel is
+    /// gone), so that the path continues through it.
+    pub fn skip(
+        &mut self,
+        cell: &str,
+        code: &str,
+        predecessor: Option<CheckpointId>,
+        reason: &str,
+    ) -> Result<CheckpointId, ReactiveError> {
+        let (id, _dir) = self.store.allocate()?;
+        self.store.record(
+            id.clone(),
+            self.key(cell, code, predecessor),
+            Outcome::failed(reason, Duration::ZERO),
+        )?;
+        Ok(id)
+    }
+
+    /// Checkpoints the kernel tree rooted at `pid` after `cell`, leaving it running.
+    pub async fn take(
+        &mut self,
+        pid: i32,
+        own_ports: &BTreeSet<u16>,
+        cell: &str,
+        code: &str,
+        predecessor: Option<CheckpointId>,
+        notebook_cells: &[(String, String)],
+    ) -> Result<Taken, ReactiveError> {
+        let begun = Instant::now();
+        let pids = nbagent_checkpoint::descendants(pid);
+        let found = inspect(&self.proc_root, &pids, own_ports);
+        let (id, dir) = self.store.allocate()?;
+        let key = self.key(cell, code, predecessor);
+        if !found.tcp.is_empty() {
+            let reason = format!(
+                "the kernel keeps a TCP connection open ({}); a restored kernel would find it \
+                 closed, so this state is not kept (reactive re-runs re-execute this cell)",
+                found.tcp.join(", ")
+            );
+            self.store
+                .record(id.clone(), key, Outcome::failed(&reason, begun.elapsed()))?;
+            self.store.mark_not_restorable(&id, reason.clone())?;
+            return Ok(Taken::NotRestorable { id, reason });
+        }
+        let criu = self.criu.clone();
+        let images = dir.clone();
+        let dumped =
+            tokio::task::spawn_blocking(move || criu.dump(pid, &images, &DumpOptions::default()))
+                .await?;
+        match dumped {
+            Ok(stats) => {
+                if !found.files.is_empty() {
+                    let json = serde_json::to_vec(&found.files).unwrap_or_default();
+                    if let Err(e) = std::fs::write(dir.join(OPEN_FILES), json) {
+                        warn!(error = %e, "cannot record the kernel's open files");
+                    }
+                }
+                self.store.record(
+                    id.clone(),
+                    key,
+                    Outcome::ok(stats.image_bytes, stats.duration),
+                )?;
+                let evicted = self.store.evict(&self.notebook, notebook_cells)?;
+                debug!(checkpoint = %id, bytes = stats.image_bytes, "checkpoint taken");
+                Ok(Taken::Created {
+                    id,
+                    bytes: stats.image_bytes,
+                    duration: begun.elapsed(),
+                    evicted,
+                })
+            }
+            Err(e) => {
+                let reason = crate::runtime::chain(&e);
+                self.store
+                    .record(id.clone(), key, Outcome::failed(&reason, begun.elapsed()))?;
+                Ok(Taken::Failed {
+                    id,
+                    reason,
+                    duration: begun.elapsed(),
+                })
+            }
+        }
+    }
+
+    /// The nearest usable checkpoint at or before cell `k` of `cells` (the notebook's
+    /// `(cell id, code hash)` list): `(index of its cell, id)`.
+    pub fn nearest(&self, cells: &[(String, String)], k: usize) -> Option<(usize, CheckpointId)> {
+        self.store
+            .nearest(&self.notebook, cells, k)
+            .map(|n| (n.cell_index, n.entry.id))
+    }
+
+    /// Checks that the files the kernel held open still have the sizes they had at the
+    /// checkpoint; `Err` with the reason when one changed.
+    pub fn check_files(&self, id: &CheckpointId) -> Result<(), String> {
+        let path = self.store.dir(id).join(OPEN_FILES);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return Ok(());
+        };
+        let files: Vec<HeldFile> = serde_json::from_slice(&bytes).unwrap_or_default();
+        for f in files {
+            let now = std::fs::metadata(&f.path).map(|m| m.len()).ok();
+            if now != Some(f.size) {
+                return Err(format!(
+                    "the kernel held {} open for writing at the checkpoint; it was {} bytes then \
+                     and is {} now, so the checkpoint cannot be restored",
+                    f.path.display(),
+                    f.size,
+                    now.map(|n| format!("{n} bytes"))
+                        .unwrap_or_else(|| "gone".into())
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks a checkpoint unusable.
+    pub fn mark_not_restorable(&mut self, id: &CheckpointId, reason: &str) {
+        if let Err(e) = self.store.mark_not_restorable(id, reason) {
+            warn!(checkpoint = %id, error = %e, "cannot mark the checkpoint");
+        }
+    }
+
+    /// Restores checkpoint `id` (the live kernel must be gone); returns the pid of the
+    /// restored init, a child of this process.
+    pub async fn restore(&mut self, id: &CheckpointId) -> Result<(i32, Duration), ReactiveError> {
+        self.check_files(id).map_err(ReactiveError::Unsafe)?;
+        let criu = self.criu.clone();
+        let dir = self.store.dir(id);
+        let stats =
+            tokio::task::spawn_blocking(move || criu.restore(&dir, &RestoreOptions::default()))
+                .await??;
+        if let Err(e) = self.store.touch(id) {
+            debug!(error = %e, "cannot mark the checkpoint used");
+        }
+        Ok((stats.pid, stats.duration))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn tcp_rows_parse() {
+        let l = "   1: 0100007F:1F90 0200A8C0:D431 01 00000000:00000000 00:00000000 00000000  1001        0 123456 1 0000000000000000 20 4 30 10 -1";
+        let r = parse_tcp_line(l).unwrap();
+        assert_eq!(r.local, "127.0.0.1:8080");
+        assert_eq!(r.remote, "192.168.0.2:54321");
+        assert_eq!(r.state, 1);
+        assert_eq!(r.inode, 123456);
+        assert_eq!(parse_tcp_line("garbage"), None);
+    }
+
+    #[test]
+    fn own_open_write_file_is_seen_and_append_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().join("w.bin");
+        let a = dir.path().join("a.log");
+        let _fw = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&w)
+            .unwrap();
+        let _fa = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&a)
+            .unwrap();
+        let me = std::process::id() as i32;
+        let found = inspect(Path::new("/proc"), &[me], &BTreeSet::new());
+        assert!(found.files.iter().any(|f| f.path == w), "{found:?}");
+        assert!(!found.files.iter().any(|f| f.path == a), "{found:?}");
+    }
+
+    #[test]
+    fn an_established_connection_is_seen_unless_it_is_ours() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_s, _) = l.accept().unwrap();
+        let me = std::process::id() as i32;
+        let found = inspect(Path::new("/proc"), &[me], &BTreeSet::new());
+        assert!(!found.tcp.is_empty());
+        let ours = inspect(Path::new("/proc"), &[me], &BTreeSet::from([port]));
+        assert!(ours.tcp.is_empty(), "{ours:?}");
+    }
+}
