@@ -783,7 +783,12 @@ impl Fs {
         Self::dir(&st, parent)?;
         let key = (parent, name.to_owned());
         let mut found = Self::dir(&st, parent)?.children.get(name).copied();
-        if found.is_none() {
+        if found.is_some() {
+            // A known name is checked against a fresh listing; a known miss is not
+            // re-listed while its negative entry lasts.
+            self.refresh_if_stale(&mut st);
+            found = Self::dir(&st, parent)?.children.get(name).copied();
+        } else {
             if st.negative.get(&key).is_some_and(|exp| *exp > now) {
                 return Err(FsError::NotFound);
             }
