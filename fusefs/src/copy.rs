@@ -190,7 +190,8 @@ pub fn sync_back(
         .into_iter()
         .filter(|d| !manifest.dirs.contains(d))
         .collect();
-    if !manifest.writable && !(changed.is_empty() && new_dirs.is_empty()) {
+    let nothing_to_do = changed.is_empty() && new_dirs.is_empty();
+    if !manifest.writable && !nothing_to_do {
         return Err(CopyError::ReadOnly {
             changed: changed.len(),
         });
