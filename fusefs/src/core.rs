@@ -18,6 +18,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -260,6 +261,7 @@ pub struct Fs {
     clock: Arc<dyn Clock>,
     cache: ContentCache,
     state: Mutex<State>,
+    reads: AtomicU64,
 }
 
 fn mtime_of(ms: i64) -> SystemTime {
@@ -304,6 +306,7 @@ impl Fs {
             backing,
             clock,
             cache,
+            reads: AtomicU64::new(0),
             state: Mutex::new(State {
                 inodes,
                 next_ino: ROOT_INO + 1,
@@ -345,6 +348,11 @@ impl Fs {
     /// Number of inodes in the table (linked or still remembered by the kernel).
     pub fn inode_count(&self) -> usize {
         self.lock().inodes.len()
+    }
+
+    /// Number of read calls served (reads passed through to a local file never arrive).
+    pub fn reads_served(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     /// Number of open file handles.
@@ -989,6 +997,7 @@ impl Fs {
 
     /// Reads from an open file.
     pub fn read(&self, fh: u64, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let (ino, plan) = {
             let mut st = self.lock();
             let h = st.handles.get_mut(&fh).ok_or(FsError::BadHandle(fh))?;

@@ -79,7 +79,7 @@ pub struct FuseFs {
     fs: Arc<Fs>,
     ttl: Duration,
     want_passthrough: bool,
-    passthrough: AtomicBool,
+    passthrough: Arc<AtomicBool>,
     ids: Mutex<BackingIds>,
 }
 
@@ -121,7 +121,7 @@ impl FuseFs {
             fs,
             ttl: options.ttl,
             want_passthrough: options.passthrough,
-            passthrough: AtomicBool::new(false),
+            passthrough: Arc::new(AtomicBool::new(false)),
             ids: Mutex::new(BackingIds::default()),
         }
     }
@@ -631,12 +631,18 @@ pub struct Mounted {
     session: Option<BackgroundSession>,
     mountpoint: PathBuf,
     fs: Arc<Fs>,
+    passthrough: Arc<AtomicBool>,
 }
 
 impl Mounted {
     /// The core behind the mount.
     pub fn fs(&self) -> &Arc<Fs> {
         &self.fs
+    }
+
+    /// Whether the kernel accepted FUSE passthrough for this mount.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
     }
 
     /// Where it is mounted.
@@ -752,11 +758,13 @@ pub fn mount(fs: Arc<Fs>, mountpoint: &Path, options: &MountOptions) -> io::Resu
     };
     config.n_threads = Some(options.threads.max(1));
     let adapter = FuseFs::new(fs.clone(), options);
+    let passthrough = adapter.passthrough.clone();
     let session = fuser::spawn_mount(adapter, mountpoint, &config)?;
     Ok(Mounted {
         session: Some(session),
         mountpoint: absolute_mountpoint(mountpoint)?,
         fs,
+        passthrough,
     })
 }
 
