@@ -1,4 +1,5 @@
 //! Copy mode: copy a tree, change it, sync back only what changed.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions
 
 use std::fs;
 

@@ -1,4 +1,5 @@
 //! Rules of the core: name safety, refused listings, symlinks, read-only trees, TTLs.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Property test of the core against a simple model: random sequences of operations give
 //! the same results (values and errnos) in the core as in a `BTreeMap` of path -> node,
 //! and after every step the core's tree and the backing directory both match the model.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions
 
 mod common;
 

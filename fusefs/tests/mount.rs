@@ -1,5 +1,6 @@
 //! Real FUSE mounts over a local-directory backing. Skipped (with the reason) without
 //! root or /dev/fuse.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] functions
 
 mod common;
 
