@@ -1,0 +1,1291 @@
+//! The filesystem core: inodes, lookup counts, attribute and negative-lookup caches,
+//! directory snapshots, open handles and write-back staging. No FUSE in here: the adapter
+//! in [`crate::fuse`] only translates kernel calls into these methods and their results
+//! (or [`FsError::errno`]) into replies.
+//!
+//! # Model
+//!
+//! The backing lists a whole tree at once. The core keeps that listing as an inode tree
+//! and lists again when it is older than [`FsConfig::attr_ttl`]; inode numbers of paths
+//! that survive a new listing are kept. Namespace changes (mkdir, unlink, rmdir, rename)
+//! are applied to the backing synchronously. A file opened for writing gets a local
+//! staging copy; it is dirty until flushed (close), when it is uploaded, after which the
+//! staging copy becomes the cached content of the new version.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nbagent_protocol::{FileKind, FileRoot};
+
+use crate::backing::{self, Backing, DEFAULT_MAX_ENTRIES, Listing};
+use crate::cache::{ContentCache, ReadAhead, cache_key, read_full_at};
+use crate::error::{BackingError, FsError, FsResult};
+use crate::path::{join, validate_name_os};
+
+/// Inode number of the tree root.
+pub const ROOT_INO: u64 = 1;
+/// Default time the kernel and the core may believe attributes and entries.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+/// Most remembered negative lookups.
+const MAX_NEGATIVE: usize = 10_000;
+/// Retry delay for a failed re-listing (stale data is served meanwhile).
+const RELIST_RETRY: Duration = Duration::from_secs(5);
+
+/// A source of time, injected so that TTLs are testable.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// Now.
+    fn now(&self) -> Instant;
+}
+
+/// The system's monotonic clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Debug)]
+pub struct ManualClock {
+    base: Instant,
+    offset: Mutex<Duration>,
+}
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        ManualClock {
+            base: Instant::now(),
+            offset: Mutex::new(Duration::ZERO),
+        }
+    }
+}
+
+impl ManualClock {
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        let mut o = self.offset.lock().unwrap_or_else(|p| p.into_inner());
+        *o += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.base + *self.offset.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Configuration of one mounted tree.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FsConfig {
+    /// Which tree.
+    pub root: FileRoot,
+    /// How long attributes, entries and the listing are believed (default 60 s).
+    pub attr_ttl: Duration,
+    /// How long a name known to be absent is believed (default 60 s).
+    pub negative_ttl: Duration,
+    /// Most entries accepted in a listing.
+    pub max_entries: usize,
+    /// Directory of staging copies of files open for writing.
+    pub staging_dir: PathBuf,
+    /// Directory of the content cache.
+    pub cache_dir: PathBuf,
+    /// Bound of the content cache in bytes (default 4 GiB).
+    pub cache_bytes: u64,
+    /// First read-ahead window (default 128 KiB).
+    pub readahead_min: u64,
+    /// Largest read-ahead window (default 16 MiB).
+    pub readahead_max: u64,
+    /// Most bytes asked of the backing in one read (default 4 MiB).
+    pub fetch_chunk: u32,
+    /// Files up to this size are fetched whole when opened, so they can be passed
+    /// through (default 8 MiB).
+    pub fetch_whole_below: u64,
+    /// Owner reported for every file.
+    pub uid: u32,
+    /// Group reported for every file.
+    pub gid: u32,
+}
+
+impl FsConfig {
+    /// Defaults for `root`, with staging and cache under `work_dir`.
+    pub fn new(root: FileRoot, work_dir: impl Into<PathBuf>) -> Self {
+        let work: PathBuf = work_dir.into();
+        FsConfig {
+            root,
+            attr_ttl: DEFAULT_TTL,
+            negative_ttl: DEFAULT_TTL,
+            max_entries: DEFAULT_MAX_ENTRIES,
+            staging_dir: work.join("staging"),
+            cache_dir: work.join("cache"),
+            cache_bytes: 4 << 30,
+            readahead_min: 128 << 10,
+            readahead_max: 16 << 20,
+            fetch_chunk: 4 << 20,
+            fetch_whole_below: 8 << 20,
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        }
+    }
+}
+
+/// Attributes of an inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// File or directory.
+    pub kind: FileKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time.
+    pub mtime: SystemTime,
+    /// Permission bits.
+    pub perm: u16,
+    /// Link count.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+/// One entry of a directory snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Name.
+    pub name: String,
+    /// Attributes.
+    pub attr: Attr,
+}
+
+/// How a file is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OpenMode {
+    /// For writing (or reading and writing).
+    pub write: bool,
+    /// Truncate to zero on open.
+    pub truncate: bool,
+}
+
+impl OpenMode {
+    /// From `open(2)` flags.
+    pub fn from_flags(flags: i32) -> Self {
+        let acc = flags & nix::libc::O_ACCMODE;
+        OpenMode {
+            write: acc == nix::libc::O_WRONLY || acc == nix::libc::O_RDWR,
+            truncate: flags & nix::libc::O_TRUNC != 0,
+        }
+    }
+}
+
+/// What the adapter needs to answer an open.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// The handle.
+    pub fh: u64,
+    /// The local file holding the whole current content, for passthrough: the staging
+    /// copy of a staged file, or the complete cache file of a remote one.
+    pub local: Option<Arc<File>>,
+    /// Whether `local` is a staging copy (writes through it are this file's).
+    pub staged: bool,
+    /// The content is an immutable version: the kernel may keep its page cache.
+    pub keep_cache: bool,
+}
+
+#[derive(Debug)]
+struct Staged {
+    file: Arc<File>,
+    path: PathBuf,
+    base_version: String,
+    dirty: bool,
+}
+
+#[derive(Debug)]
+enum Content {
+    Remote { version: String, size: u64 },
+    Staged(Staged),
+}
+
+#[derive(Debug)]
+struct Inode {
+    parent: u64,
+    name: String,
+    kind: FileKind,
+    lookups: u64,
+    open: u32,
+    linked: bool,
+    /// The backing has this path (false for a created file not yet uploaded).
+    in_backing: bool,
+    mtime: SystemTime,
+    content: Content,
+    children: BTreeMap<String, u64>,
+}
+
+#[derive(Debug)]
+struct Handle {
+    ino: u64,
+    write: bool,
+    readahead: ReadAhead,
+}
+
+#[derive(Debug)]
+struct State {
+    inodes: HashMap<u64, Inode>,
+    next_ino: u64,
+    handles: HashMap<u64, Handle>,
+    dir_handles: HashMap<u64, Vec<DirEntry>>,
+    next_fh: u64,
+    writable: bool,
+    listed_at: Instant,
+    negative: HashMap<(u64, String), Instant>,
+    staging_seq: u64,
+}
+
+/// The filesystem core over one tree of a [`Backing`]. All methods take `&self` and are
+/// safe to call from several FUSE worker threads.
+#[derive(Debug)]
+pub struct Fs {
+    config: FsConfig,
+    backing: Arc<dyn Backing>,
+    clock: Arc<dyn Clock>,
+    cache: ContentCache,
+    state: Mutex<State>,
+    reads: AtomicU64,
+}
+
+fn mtime_of(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+impl Fs {
+    /// Lists the tree once (which must succeed) and builds the core.
+    pub fn new(
+        config: FsConfig,
+        backing: Arc<dyn Backing>,
+        clock: Arc<dyn Clock>,
+    ) -> FsResult<Self> {
+        fs::create_dir_all(&config.staging_dir)?;
+        let cache = ContentCache::new(&config.cache_dir, config.cache_bytes, config.fetch_chunk)?;
+        let now = clock.now();
+        let mut inodes = HashMap::new();
+        inodes.insert(
+            ROOT_INO,
+            Inode {
+                parent: ROOT_INO,
+                name: String::new(),
+                kind: FileKind::Dir,
+                lookups: 1,
+                open: 0,
+                linked: true,
+                in_backing: true,
+                mtime: SystemTime::now(),
+                content: Content::Remote {
+                    version: String::new(),
+                    size: 0,
+                },
+                children: BTreeMap::new(),
+            },
+        );
+        let fs = Fs {
+            config,
+            backing,
+            clock,
+            cache,
+            reads: AtomicU64::new(0),
+            state: Mutex::new(State {
+                inodes,
+                next_ino: ROOT_INO + 1,
+                handles: HashMap::new(),
+                dir_handles: HashMap::new(),
+                next_fh: 1,
+                writable: false,
+                listed_at: now,
+                negative: HashMap::new(),
+                staging_seq: 0,
+            }),
+        };
+        {
+            let mut st = fs.lock();
+            fs.relist(&mut st)?;
+        }
+        Ok(fs)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    /// The content cache.
+    pub fn cache(&self) -> &ContentCache {
+        &self.cache
+    }
+
+    /// Whether the tree may be written (from the last listing).
+    pub fn writable(&self) -> bool {
+        self.lock().writable
+    }
+
+    /// Number of inodes in the table (linked or still remembered by the kernel).
+    pub fn inode_count(&self) -> usize {
+        self.lock().inodes.len()
+    }
+
+    /// Number of read calls served (reads passed through to a local file never arrive).
+    pub fn reads_served(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Number of open file handles.
+    pub fn open_handles(&self) -> usize {
+        self.lock().handles.len()
+    }
+
+    // ----- listing -----------------------------------------------------------------
+
+    fn list_validated(&self) -> FsResult<Listing> {
+        let listing = self.backing.list(self.config.root)?;
+        backing::validate_listing(&listing, self.config.max_entries)
+            .map_err(BackingError::Listing)?;
+        Ok(listing)
+    }
+
+    /// Lists again if the listing is older than the TTL; a failure is logged and stale
+    /// data served.
+    fn refresh_if_stale(&self, st: &mut State) {
+        let now = self.clock.now();
+        if now.duration_since(st.listed_at) < self.config.attr_ttl {
+            return;
+        }
+        if let Err(e) = self.relist(st) {
+            tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "re-listing failed; serving the previous listing");
+            st.listed_at = now
+                .checked_sub(self.config.attr_ttl.saturating_sub(RELIST_RETRY))
+                .unwrap_or(now);
+        }
+    }
+
+    fn relist(&self, st: &mut State) -> FsResult<()> {
+        let listing = self.list_validated()?;
+        st.writable = listing.writable;
+        st.listed_at = self.clock.now();
+        st.negative.clear();
+
+        let mut old_by_path: HashMap<String, u64> = HashMap::new();
+        let mut stack = vec![(ROOT_INO, String::new())];
+        while let Some((dir, path)) = stack.pop() {
+            if let Some(d) = st.inodes.get(&dir) {
+                for (name, &child) in &d.children {
+                    let p = if path.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{path}/{name}")
+                    };
+                    if st
+                        .inodes
+                        .get(&child)
+                        .is_some_and(|c| c.kind == FileKind::Dir)
+                    {
+                        stack.push((child, p.clone()));
+                    }
+                    old_by_path.insert(p, child);
+                }
+            }
+        }
+
+        // New children of every directory, by inode.
+        let mut new_children: HashMap<u64, BTreeMap<String, u64>> = HashMap::new();
+        new_children.insert(ROOT_INO, BTreeMap::new());
+        let mut new_by_path: HashMap<String, u64> = HashMap::new();
+        let mut entries = listing.entries;
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        for entry in entries {
+            // Parents first (implicit directories are created).
+            let mut parent = ROOT_INO;
+            let parts: Vec<&str> = entry.path.split('/').collect();
+            let mut prefix = String::new();
+            for (i, part) in parts.iter().enumerate() {
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                prefix.push_str(part);
+                let last = i + 1 == parts.len();
+                let kind = if last { entry.kind } else { FileKind::Dir };
+                if let Some(&ino) = new_by_path.get(&prefix) {
+                    parent = ino;
+                    continue;
+                }
+                let reuse = old_by_path
+                    .get(&prefix)
+                    .copied()
+                    .filter(|ino| st.inodes.get(ino).is_some_and(|n| n.kind == kind));
+                let ino = match reuse {
+                    Some(ino) => ino,
+                    None => {
+                        let ino = st.next_ino;
+                        st.next_ino += 1;
+                        st.inodes.insert(
+                            ino,
+                            Inode {
+                                parent,
+                                name: (*part).to_owned(),
+                                kind,
+                                lookups: 0,
+                                open: 0,
+                                linked: true,
+                                in_backing: true,
+                                mtime: SystemTime::now(),
+                                content: Content::Remote {
+                                    version: String::new(),
+                                    size: 0,
+                                },
+                                children: BTreeMap::new(),
+                            },
+                        );
+                        ino
+                    }
+                };
+                if let Some(node) = st.inodes.get_mut(&ino) {
+                    node.parent = parent;
+                    node.name = (*part).to_owned();
+                    node.linked = true;
+                    node.in_backing = true;
+                    if last {
+                        node.mtime = mtime_of(entry.mtime_ms);
+                        if let Content::Remote { version, size } = &mut node.content {
+                            *version = entry.version.clone();
+                            *size = entry.size;
+                        }
+                    }
+                }
+                new_children
+                    .entry(parent)
+                    .or_default()
+                    .insert((*part).to_owned(), ino);
+                if kind == FileKind::Dir {
+                    new_children.entry(ino).or_default();
+                }
+                new_by_path.insert(prefix.clone(), ino);
+                parent = ino;
+            }
+        }
+        // Local files not uploaded yet stay where they are if their directory does.
+        for (path, ino) in &old_by_path {
+            if new_by_path.contains_key(path) {
+                continue;
+            }
+            let Some(node) = st.inodes.get(ino) else {
+                continue;
+            };
+            if matches!(node.content, Content::Staged(_))
+                && !node.in_backing
+                && new_children.contains_key(&node.parent)
+            {
+                let (parent, name) = (node.parent, node.name.clone());
+                new_children.entry(parent).or_default().insert(name, *ino);
+                new_by_path.insert(path.clone(), *ino);
+            }
+        }
+        let live: std::collections::HashSet<u64> = new_by_path.values().copied().collect();
+        for (path, ino) in old_by_path {
+            if !live.contains(&ino) {
+                tracing::debug!(ino, path = %path, "entry vanished from the listing");
+                self.unlink_inode(st, ino);
+            }
+        }
+        for (ino, node) in st.inodes.iter_mut() {
+            if node.kind == FileKind::Dir && node.linked {
+                node.children = new_children.remove(ino).unwrap_or_default();
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks an inode unlinked and drops it if nobody remembers it.
+    fn unlink_inode(&self, st: &mut State, ino: u64) {
+        let Some(node) = st.inodes.get_mut(&ino) else {
+            return;
+        };
+        node.linked = false;
+        node.children.clear();
+        self.maybe_drop(st, ino);
+    }
+
+    fn maybe_drop(&self, st: &mut State, ino: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let Some(node) = st.inodes.get(&ino) else {
+            return;
+        };
+        if !node.linked
+            && node.lookups == 0
+            && node.open == 0
+            && let Some(Inode {
+                content: Content::Staged(s),
+                ..
+            }) = st.inodes.remove(&ino)
+        {
+            let _ = fs::remove_file(&s.path);
+        }
+    }
+
+    // ----- helpers -----------------------------------------------------------------
+
+    fn node(st: &State, ino: u64) -> FsResult<&Inode> {
+        st.inodes.get(&ino).ok_or(FsError::UnknownInode(ino))
+    }
+
+    fn dir(st: &State, ino: u64) -> FsResult<&Inode> {
+        let n = Self::node(st, ino)?;
+        if n.kind != FileKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if !n.linked {
+            return Err(FsError::NotFound);
+        }
+        Ok(n)
+    }
+
+    fn path_of(st: &State, ino: u64) -> FsResult<String> {
+        let mut parts = Vec::new();
+        let mut at = ino;
+        while at != ROOT_INO {
+            let n = Self::node(st, at)?;
+            if !n.linked {
+                return Err(FsError::NotFound);
+            }
+            parts.push(n.name.as_str());
+            at = n.parent;
+            if parts.len() > crate::path::MAX_PATH {
+                return Err(FsError::NotFound);
+            }
+        }
+        parts.reverse();
+        Ok(parts.join("/"))
+    }
+
+    fn child_path(st: &State, parent: u64, name: &str) -> FsResult<String> {
+        Ok(join(&Self::path_of(st, parent)?, name)?)
+    }
+
+    fn attr_of(&self, st: &State, ino: u64) -> FsResult<Attr> {
+        let n = Self::node(st, ino)?;
+        let ro = !st.writable;
+        let (size, mtime) = match (&n.kind, &n.content) {
+            (FileKind::Dir, _) => (0, n.mtime),
+            (FileKind::File, Content::Remote { size, .. }) => (*size, n.mtime),
+            (FileKind::File, Content::Staged(s)) => {
+                let meta = s.file.metadata()?;
+                (meta.len(), meta.modified().unwrap_or(n.mtime))
+            }
+        };
+        let (perm, nlink) = match n.kind {
+            FileKind::Dir => (if ro { 0o555 } else { 0o755 }, 2),
+            FileKind::File => (if ro { 0o444 } else { 0o644 }, u32::from(n.linked)),
+        };
+        Ok(Attr {
+            ino,
+            kind: n.kind,
+            size,
+            mtime,
+            perm,
+            nlink,
+            uid: self.config.uid,
+            gid: self.config.gid,
+        })
+    }
+
+    fn check_writable(st: &State) -> FsResult<()> {
+        if st.writable {
+            Ok(())
+        } else {
+            Err(FsError::ReadOnly)
+        }
+    }
+
+    fn new_staging(&self, st: &mut State, ino: u64) -> FsResult<(Arc<File>, PathBuf)> {
+        st.staging_seq += 1;
+        let path = self
+            .config
+            .staging_dir
+            .join(format!("{ino}-{}", st.staging_seq));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok((Arc::new(file), path))
+    }
+
+    fn fetcher<'a>(
+        &'a self,
+        path: &'a str,
+        version: &'a str,
+    ) -> impl Fn(u64, u32) -> Result<Vec<u8>, BackingError> + 'a {
+        move |off, len| self.backing.read(self.config.root, path, version, off, len)
+    }
+
+    /// Gives `ino` a staging copy holding its current content (or nothing if `empty`).
+    fn stage(&self, st: &mut State, ino: u64, empty: bool) -> FsResult<()> {
+        let (version, size) = match &Self::node(st, ino)?.content {
+            Content::Staged(_) => return Ok(()),
+            Content::Remote { version, size } => (version.clone(), *size),
+        };
+        let (file, path) = self.new_staging(st, ino)?;
+        if !empty && size > 0 {
+            let rel = Self::path_of(st, ino)?;
+            let key = cache_key(&version);
+            let fetch = self.fetcher(&rel, &version);
+            self.cache.fill(&key, size, &fetch)?;
+            let Some(src) = self.cache.complete(&key, size) else {
+                return Err(FsError::Io(std::io::Error::other(
+                    "content not complete after fetching",
+                )));
+            };
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < size {
+                let n = (size - at).min(buf.len() as u64) as usize;
+                read_full_at(&src, &mut buf[..n], at)?;
+                file.write_all_at(&buf[..n], at)?;
+                at += n as u64;
+            }
+        }
+        if let Some(node) = st.inodes.get_mut(&ino) {
+            node.content = Content::Staged(Staged {
+                file,
+                path,
+                base_version: version,
+                dirty: empty && size > 0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Uploads a dirty staged file; on success the staging copy becomes clean.
+    fn upload(&self, st: &mut State, ino: u64) -> FsResult<()> {
+        let node = Self::node(st, ino)?;
+        let Content::Staged(s) = &node.content else {
+            return Ok(());
+        };
+        if !s.dirty || !node.linked {
+            return Ok(());
+        }
+        let rel = Self::path_of(st, ino)?;
+        let (path, base) = (s.path.clone(), s.base_version.clone());
+        let version = self
+            .backing
+            .upload(self.config.root, &rel, &base, &path)
+            .inspect_err(|e| tracing::warn!(ino, path = %rel, error = %e, "upload failed"))?;
+        tracing::debug!(ino, path = %rel, version = %version, "uploaded");
+        if let Some(Inode {
+            content: Content::Staged(s),
+            in_backing,
+            ..
+        }) = st.inodes.get_mut(&ino)
+        {
+            s.dirty = false;
+            s.base_version = version;
+            *in_backing = true;
+        }
+        Ok(())
+    }
+
+    /// A staged file nobody has open any more goes back to remote content; its staging
+    /// copy becomes the cached content of its version.
+    fn unstage_if_idle(&self, st: &mut State, ino: u64) {
+        let Some(node) = st.inodes.get_mut(&ino) else {
+            return;
+        };
+        if node.open > 0 || !node.linked {
+            return;
+        }
+        let Content::Staged(s) = &node.content else {
+            return;
+        };
+        if s.dirty {
+            return;
+        }
+        let size = match s.file.metadata() {
+            Ok(m) => m.len(),
+            Err(_) => return,
+        };
+        let version = s.base_version.clone();
+        let path = s.path.clone();
+        node.mtime = s
+            .file
+            .metadata()
+            .and_then(|m| m.modified())
+            .unwrap_or(node.mtime);
+        node.content = Content::Remote {
+            version: version.clone(),
+            size,
+        };
+        if let Err(e) = self.cache.adopt(&cache_key(&version), &path, size) {
+            tracing::debug!(ino, error = %e, "staging copy not adopted by the cache");
+            let _ = fs::remove_file(&path);
+        }
+    }
+
+    fn insert_child(
+        &self,
+        st: &mut State,
+        parent: u64,
+        name: &str,
+        kind: FileKind,
+        content: Content,
+        in_backing: bool,
+    ) -> u64 {
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        st.inodes.insert(
+            ino,
+            Inode {
+                parent,
+                name: name.to_owned(),
+                kind,
+                lookups: 0,
+                open: 0,
+                linked: true,
+                in_backing,
+                mtime: SystemTime::now(),
+                content,
+                children: BTreeMap::new(),
+            },
+        );
+        if let Some(p) = st.inodes.get_mut(&parent) {
+            p.children.insert(name.to_owned(), ino);
+            p.mtime = SystemTime::now();
+        }
+        st.negative.remove(&(parent, name.to_owned()));
+        ino
+    }
+
+    // ----- metadata ----------------------------------------------------------------
+
+    /// Looks `name` up in `parent`; counts a kernel lookup on success.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let name = validate_name_os(name)?;
+        let mut st = self.lock();
+        let now = self.clock.now();
+        Self::dir(&st, parent)?;
+        let key = (parent, name.to_owned());
+        let mut found = Self::dir(&st, parent)?.children.get(name).copied();
+        if found.is_some() {
+            // A known name is checked against a fresh listing; a known miss is not
+            // re-listed while its negative entry lasts.
+            self.refresh_if_stale(&mut st);
+            found = Self::dir(&st, parent)?.children.get(name).copied();
+        } else {
+            if st.negative.get(&key).is_some_and(|exp| *exp > now) {
+                return Err(FsError::NotFound);
+            }
+            self.refresh_if_stale(&mut st);
+            found = Self::dir(&st, parent)?.children.get(name).copied();
+        }
+        let Some(ino) = found else {
+            if st.negative.len() >= MAX_NEGATIVE {
+                st.negative.clear();
+            }
+            st.negative.insert(key, now + self.config.negative_ttl);
+            return Err(FsError::NotFound);
+        };
+        let attr = self.attr_of(&st, ino)?;
+        if let Some(n) = st.inodes.get_mut(&ino) {
+            n.lookups += 1;
+        }
+        Ok(attr)
+    }
+
+    /// Counts a kernel lookup of an inode handed out by [`Fs::readdir`] (readdirplus).
+    pub fn remember(&self, ino: u64) {
+        if let Some(n) = self.lock().inodes.get_mut(&ino) {
+            n.lookups += 1;
+        }
+    }
+
+    /// The kernel forgets `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut st = self.lock();
+        if let Some(node) = st.inodes.get_mut(&ino) {
+            node.lookups = node.lookups.saturating_sub(n);
+        }
+        self.maybe_drop(&mut st, ino);
+    }
+
+    /// Attributes of `ino`.
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let mut st = self.lock();
+        self.refresh_if_stale(&mut st);
+        self.attr_of(&st, ino)
+    }
+
+    /// Opens a directory: takes a snapshot of its entries.
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let mut st = self.lock();
+        self.refresh_if_stale(&mut st);
+        let children: Vec<(String, u64)> = Self::dir(&st, ino)?
+            .children
+            .iter()
+            .map(|(n, i)| (n.clone(), *i))
+            .collect();
+        let mut entries = Vec::with_capacity(children.len());
+        for (name, child) in children {
+            entries.push(DirEntry {
+                name,
+                attr: self.attr_of(&st, child)?,
+            });
+        }
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        st.dir_handles.insert(fh, entries);
+        Ok(fh)
+    }
+
+    /// Entries of a directory snapshot from index `offset` on (without `.` and `..`).
+    pub fn readdir(&self, fh: u64, offset: usize) -> FsResult<Vec<DirEntry>> {
+        let st = self.lock();
+        let entries = st.dir_handles.get(&fh).ok_or(FsError::BadHandle(fh))?;
+        Ok(entries.iter().skip(offset).cloned().collect())
+    }
+
+    /// Closes a directory snapshot.
+    pub fn releasedir(&self, fh: u64) {
+        self.lock().dir_handles.remove(&fh);
+    }
+
+    /// Parent of a directory (for `..`).
+    pub fn parent_of(&self, ino: u64) -> u64 {
+        self.lock().inodes.get(&ino).map_or(ROOT_INO, |n| n.parent)
+    }
+
+    // ----- files -------------------------------------------------------------------
+
+    /// Opens a file.
+    pub fn open(&self, ino: u64, mode: OpenMode) -> FsResult<Opened> {
+        let mut st = self.lock();
+        let node = Self::node(&st, ino)?;
+        if node.kind == FileKind::Dir {
+            return Err(FsError::IsDir);
+        }
+        if mode.write || mode.truncate {
+            Self::check_writable(&st)?;
+            self.stage(&mut st, ino, mode.truncate)?;
+            if mode.truncate
+                && let Some(Inode {
+                    content: Content::Staged(s),
+                    ..
+                }) = st.inodes.get_mut(&ino)
+                && s.file.metadata()?.len() > 0
+            {
+                s.file.set_len(0)?;
+                s.dirty = true;
+            }
+        }
+        let (local, staged, keep_cache) = match &Self::node(&st, ino)?.content {
+            Content::Staged(s) => (Some(s.file.clone()), true, false),
+            Content::Remote { version, size } => {
+                let (version, size) = (version.clone(), *size);
+                let key = cache_key(&version);
+                if size <= self.config.fetch_whole_below
+                    && self.cache.complete(&key, size).is_none()
+                {
+                    let rel = Self::path_of(&st, ino)?;
+                    let fetch = self.fetcher(&rel, &version);
+                    if let Err(e) = self.cache.fill(&key, size, &fetch) {
+                        tracing::debug!(ino, error = %e, "prefetch on open failed");
+                    }
+                }
+                (self.cache.complete(&key, size), false, true)
+            }
+        };
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        st.handles.insert(
+            fh,
+            Handle {
+                ino,
+                write: mode.write,
+                readahead: ReadAhead::new(self.config.readahead_min, self.config.readahead_max),
+            },
+        );
+        if let Some(n) = st.inodes.get_mut(&ino) {
+            n.open += 1;
+        }
+        Ok(Opened {
+            fh,
+            local,
+            staged,
+            keep_cache,
+        })
+    }
+
+    /// Creates and opens a new empty file (counts a lookup).
+    pub fn create(&self, parent: u64, name: &OsStr, mode: OpenMode) -> FsResult<(Attr, Opened)> {
+        let name = validate_name_os(name)?;
+        let mut st = self.lock();
+        Self::check_writable(&st)?;
+        if Self::dir(&st, parent)?.children.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        Self::child_path(&st, parent, name)?;
+        let st_ref = &mut *st;
+        st_ref.staging_seq += 1;
+        let path = self
+            .config
+            .staging_dir
+            .join(format!("new-{}", st_ref.staging_seq));
+        let file = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)?,
+        );
+        let content = Content::Staged(Staged {
+            file: file.clone(),
+            path,
+            base_version: String::new(),
+            dirty: true,
+        });
+        let ino = self.insert_child(&mut st, parent, name, FileKind::File, content, false);
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        st.handles.insert(
+            fh,
+            Handle {
+                ino,
+                write: mode.write,
+                readahead: ReadAhead::new(self.config.readahead_min, self.config.readahead_max),
+            },
+        );
+        if let Some(n) = st.inodes.get_mut(&ino) {
+            n.open += 1;
+            n.lookups += 1;
+        }
+        let attr = self.attr_of(&st, ino)?;
+        Ok((
+            attr,
+            Opened {
+                fh,
+                local: Some(file),
+                staged: true,
+                keep_cache: false,
+            },
+        ))
+    }
+
+    /// Reads from an open file.
+    pub fn read(&self, fh: u64, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let (ino, plan) = {
+            let mut st = self.lock();
+            let h = st.handles.get_mut(&fh).ok_or(FsError::BadHandle(fh))?;
+            let ino = h.ino;
+            let prefetch = h.readahead.advise(offset, u64::from(len));
+            let plan = match &Self::node(&st, ino)?.content {
+                Content::Staged(s) => Err(s.file.clone()),
+                Content::Remote { version, size } => {
+                    // The path is resolved now; an unlinked file is read by its last path.
+                    let rel = Self::path_of(&st, ino).unwrap_or_default();
+                    Ok((rel, version.clone(), *size, prefetch))
+                }
+            };
+            (ino, plan)
+        };
+        match plan {
+            Err(file) => {
+                let size = file.metadata()?.len();
+                if offset >= size {
+                    return Ok(Vec::new());
+                }
+                let n = (size - offset).min(u64::from(len)) as usize;
+                let mut buf = vec![0u8; n];
+                read_full_at(&file, &mut buf, offset)?;
+                Ok(buf)
+            }
+            Ok((rel, version, size, prefetch)) => {
+                let fetch = self.fetcher(&rel, &version);
+                self.cache
+                    .read(&cache_key(&version), size, offset, len, prefetch, &fetch)
+                    .inspect_err(|e| tracing::warn!(ino, error = %e, "read failed"))
+            }
+        }
+    }
+
+    /// Writes to a file open for writing.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let mut st = self.lock();
+        let h = st.handles.get(&fh).ok_or(FsError::BadHandle(fh))?;
+        if !h.write {
+            return Err(FsError::BadHandle(fh));
+        }
+        let ino = h.ino;
+        match st.inodes.get_mut(&ino).map(|n| &mut n.content) {
+            Some(Content::Staged(s)) => {
+                s.file.write_all_at(data, offset)?;
+                s.dirty = true;
+                Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
+            }
+            _ => Err(FsError::BadHandle(fh)),
+        }
+    }
+
+    /// Notes that writes may have reached the staging copy behind the core's back
+    /// (passthrough): the file is dirty.
+    pub fn mark_dirty(&self, fh: u64) {
+        let mut st = self.lock();
+        let Some(ino) = st.handles.get(&fh).map(|h| h.ino) else {
+            return;
+        };
+        if let Some(Inode {
+            content: Content::Staged(s),
+            ..
+        }) = st.inodes.get_mut(&ino)
+        {
+            s.dirty = true;
+        }
+    }
+
+    /// Uploads the file if it is dirty (close, fsync).
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        let mut st = self.lock();
+        let ino = st.handles.get(&fh).ok_or(FsError::BadHandle(fh))?.ino;
+        // Unchanged content (passthrough writers that wrote nothing) is not uploaded.
+        if let Some(Inode {
+            content: Content::Staged(s),
+            in_backing: true,
+            ..
+        }) = st.inodes.get_mut(&ino)
+            && s.dirty
+            && !s.base_version.is_empty()
+        {
+            let mut f = File::open(&s.path)?;
+            if backing::hash_file(&mut f)? == s.base_version {
+                s.dirty = false;
+            }
+        }
+        self.upload(&mut st, ino)
+    }
+
+    /// Closes a handle; a dirty file is uploaded first.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let result = self.flush(fh);
+        let mut st = self.lock();
+        let Some(h) = st.handles.remove(&fh) else {
+            return Err(FsError::BadHandle(fh));
+        };
+        if let Some(n) = st.inodes.get_mut(&h.ino) {
+            n.open = n.open.saturating_sub(1);
+        }
+        self.unstage_if_idle(&mut st, h.ino);
+        self.maybe_drop(&mut st, h.ino);
+        result
+    }
+
+    /// Changes the size of a file (`truncate`, `ftruncate`); with no handle the change is
+    /// uploaded at once.
+    pub fn set_size(&self, ino: u64, size: u64) -> FsResult<Attr> {
+        let mut st = self.lock();
+        let node = Self::node(&st, ino)?;
+        if node.kind == FileKind::Dir {
+            return Err(FsError::IsDir);
+        }
+        Self::check_writable(&st)?;
+        self.stage(&mut st, ino, size == 0)?;
+        if let Some(Inode {
+            content: Content::Staged(s),
+            ..
+        }) = st.inodes.get_mut(&ino)
+            && s.file.metadata()?.len() != size
+        {
+            s.file.set_len(size)?;
+            s.dirty = true;
+        }
+        let open = Self::node(&st, ino)?.open;
+        if open == 0 {
+            self.upload(&mut st, ino)?;
+            self.unstage_if_idle(&mut st, ino);
+        }
+        self.attr_of(&st, ino)
+    }
+
+    // ----- namespace ---------------------------------------------------------------
+
+    /// Creates a directory (counts a lookup).
+    pub fn mkdir(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let name = validate_name_os(name)?;
+        let mut st = self.lock();
+        Self::check_writable(&st)?;
+        if Self::dir(&st, parent)?.children.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        let rel = Self::child_path(&st, parent, name)?;
+        self.backing.mkdir(self.config.root, &rel)?;
+        let content = Content::Remote {
+            version: String::new(),
+            size: 0,
+        };
+        let ino = self.insert_child(&mut st, parent, name, FileKind::Dir, content, true);
+        if let Some(n) = st.inodes.get_mut(&ino) {
+            n.lookups += 1;
+        }
+        self.attr_of(&st, ino)
+    }
+
+    fn remove(&self, parent: u64, name: &OsStr, kind: FileKind) -> FsResult<()> {
+        let name = validate_name_os(name)?;
+        let mut st = self.lock();
+        Self::check_writable(&st)?;
+        let ino = *Self::dir(&st, parent)?
+            .children
+            .get(name)
+            .ok_or(FsError::NotFound)?;
+        let node = Self::node(&st, ino)?;
+        match (kind, node.kind) {
+            (FileKind::File, FileKind::Dir) => return Err(FsError::IsDir),
+            (FileKind::Dir, FileKind::File) => return Err(FsError::NotDir),
+            (FileKind::Dir, FileKind::Dir) if !node.children.is_empty() => {
+                return Err(FsError::NotEmpty);
+            }
+            _ => {}
+        }
+        if node.in_backing {
+            let rel = Self::child_path(&st, parent, name)?;
+            self.backing.remove(self.config.root, &rel, kind)?;
+        }
+        if let Some(p) = st.inodes.get_mut(&parent) {
+            p.children.remove(name);
+            p.mtime = SystemTime::now();
+        }
+        self.unlink_inode(&mut st, ino);
+        Ok(())
+    }
+
+    /// Removes a file.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.remove(parent, name, FileKind::File)
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.remove(parent, name, FileKind::Dir)
+    }
+
+    /// Renames within the tree, replacing the target unless `noreplace`.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        noreplace: bool,
+    ) -> FsResult<()> {
+        let name = validate_name_os(name)?;
+        let new_name = validate_name_os(new_name)?;
+        let mut st = self.lock();
+        Self::check_writable(&st)?;
+        let ino = *Self::dir(&st, parent)?
+            .children
+            .get(name)
+            .ok_or(FsError::NotFound)?;
+        let target = Self::dir(&st, new_parent)?.children.get(new_name).copied();
+        if noreplace && target.is_some() {
+            return Err(FsError::Exists);
+        }
+        // The new parent must not be the moved directory or lie below it.
+        let mut at = new_parent;
+        loop {
+            if at == ino {
+                return Err(FsError::InvalidArgument);
+            }
+            if at == ROOT_INO {
+                break;
+            }
+            at = Self::node(&st, at)?.parent;
+        }
+        if target == Some(ino) {
+            return Ok(());
+        }
+        let kind = Self::node(&st, ino)?.kind;
+        if let Some(t) = target {
+            let tn = Self::node(&st, t)?;
+            match (kind, tn.kind) {
+                (FileKind::Dir, FileKind::File) => return Err(FsError::NotDir),
+                (FileKind::File, FileKind::Dir) => return Err(FsError::IsDir),
+                (FileKind::Dir, FileKind::Dir) if !tn.children.is_empty() => {
+                    return Err(FsError::NotEmpty);
+                }
+                _ => {}
+            }
+        }
+        let from = Self::child_path(&st, parent, name)?;
+        let to = Self::child_path(&st, new_parent, new_name)?;
+        if Self::node(&st, ino)?.in_backing {
+            self.backing.rename(self.config.root, &from, &to)?;
+        } else if let Some(t) = target
+            && Self::node(&st, t)?.in_backing
+        {
+            self.backing
+                .remove(self.config.root, &to, Self::node(&st, t)?.kind)?;
+        }
+        if let Some(t) = target {
+            self.unlink_inode(&mut st, t);
+        }
+        if let Some(p) = st.inodes.get_mut(&parent) {
+            p.children.remove(name);
+            p.mtime = SystemTime::now();
+        }
+        if let Some(p) = st.inodes.get_mut(&new_parent) {
+            p.children.insert(new_name.to_owned(), ino);
+            p.mtime = SystemTime::now();
+        }
+        st.negative.remove(&(new_parent, new_name.to_owned()));
+        if let Some(n) = st.inodes.get_mut(&ino) {
+            n.parent = new_parent;
+            n.name = new_name.to_owned();
+        }
+        Ok(())
+    }
+
+    /// Symlinks are not supported.
+    pub fn symlink(&self) -> FsResult<Attr> {
+        Err(FsError::NotPermitted)
+    }
+
+    /// Hard links are not supported.
+    pub fn link(&self) -> FsResult<Attr> {
+        Err(FsError::NotPermitted)
+    }
+
+    /// Staging and cache use, for diagnostics: (staged files, cached bytes).
+    pub fn usage(&self) -> (usize, u64) {
+        let st = self.lock();
+        let staged = st
+            .inodes
+            .values()
+            .filter(|n| matches!(n.content, Content::Staged(_)))
+            .count();
+        (staged, self.cache.used())
+    }
+}
