@@ -134,8 +134,9 @@ pub struct AgentArgs {
     #[arg(long, env = "NBAGENT_NO_CHECKPOINTS")]
     pub no_checkpoints: bool,
 
-    /// Where checkpoints are kept [default: <state-dir>/checkpoints]. A tmpfs keeps
-    /// them in memory.
+    /// Where checkpoints are kept [default: <runtime-dir>/checkpoints, in memory when
+    /// the runtime dir is a tmpfs like /run]. Must be reachable by the notebook user
+    /// (CRIU runs as that user).
     #[arg(long, env = "NBAGENT_CHECKPOINT_DIR")]
     pub checkpoint_dir: Option<PathBuf>,
 

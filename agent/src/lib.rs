@@ -143,7 +143,7 @@ pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
         checkpoint_dir: args
             .checkpoint_dir
             .clone()
-            .unwrap_or_else(|| args.state_dir.join("checkpoints")),
+            .unwrap_or_else(|| args.runtime_dir.join("checkpoints")),
         checkpoint_budget: args.checkpoint_budget_mb.saturating_mul(1 << 20),
     }
 }

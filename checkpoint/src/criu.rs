@@ -44,6 +44,27 @@ pub struct CriuConfig {
     pub binary: PathBuf,
     /// CRIU's log level, 0-4 (default 4: the log tail is only useful when verbose).
     pub log_level: i32,
+    /// Run dumps and restores as this user instead of root, in CRIU's unprivileged
+    /// mode (see [`RunAs`]).
+    pub run_as: Option<RunAs>,
+}
+
+/// Who `criu swrk` runs as for dumps and restores.
+///
+/// CRIU reads and sets every dumped task's resource limits with `prlimit`, which the
+/// kernel allows between different users only with CAP_SYS_RESOURCE; hosts (and
+/// containers) without it cannot checkpoint a kernel that runs as the notebook user
+/// from a root CRIU. Running CRIU as that same user, with only the capabilities its
+/// unprivileged mode needs (CHECKPOINT_RESTORE, SYS_PTRACE, SYS_ADMIN for the
+/// namespace's procfs, SETPCAP to restore the bounding set) as ambient capabilities,
+/// works without CAP_SYS_RESOURCE. The worker is started through util-linux
+/// `setpriv`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    /// uid.
+    pub uid: u32,
+    /// gid.
+    pub gid: u32,
 }
 
 impl Default for CriuConfig {
@@ -51,6 +72,7 @@ impl Default for CriuConfig {
         Self {
             binary: PathBuf::from(DEFAULT_CRIU_BINARY),
             log_level: 4,
+            run_as: None,
         }
     }
 }
@@ -487,7 +509,18 @@ impl Criu {
     ) -> Result<rpc::Criu_resp, CriuError> {
         let stderr_path = images_dir.join(format!("{log_file}.stderr"));
         let stderr = File::create(&stderr_path).map_err(io_err("create", &stderr_path))?;
-        let result = swrk::call(&self.config.binary, ty, Some(opts), None, Some(stderr));
+        let mut opts = opts;
+        if self.config.run_as.is_some() {
+            opts.set_unprivileged(true);
+        }
+        let result = swrk::call_as(
+            &self.config.binary,
+            self.config.run_as,
+            ty,
+            Some(opts),
+            None,
+            Some(stderr),
+        );
         let log_path = swrk::log_path(images_dir, log_file);
         let resp = match result {
             Ok(resp) if resp.success() => resp,

@@ -27,7 +27,7 @@ mod swrk;
 pub use criu::{
     Criu, CriuConfig, DEFAULT_CRIU_BINARY, DUMP_LOG, DUMP_META_FILE, DumpMeta, DumpOptions,
     DumpStats, LAZY_PAGES_LOG, LOG_TAIL_LINES, LazyPages, Probe, RESTORE_LOG, RestoreOptions,
-    RestoreStats, image_bytes, read_meta,
+    RestoreStats, RunAs, image_bytes, read_meta,
 };
 pub use error::{CriuError, CriuLog, CriuVersion, MIN_CRIU_VERSION};
 pub use process::{descendants, kill_tree, pid_exists};

@@ -34,6 +34,21 @@ pub(crate) fn call(
     features: Option<rpc::Criu_features>,
     stderr: Option<File>,
 ) -> Result<rpc::Criu_resp, CriuError> {
+    call_as(binary, None, req_type, opts, features, stderr)
+}
+
+/// The capabilities an unprivileged CRIU worker keeps (see [`crate::RunAs`]).
+const UNPRIVILEGED_CAPS: &str = "+checkpoint_restore,+sys_ptrace,+sys_admin,+setpcap";
+
+/// [`call`], with the worker running as `run_as` (through `setpriv`) when given.
+pub(crate) fn call_as(
+    binary: &Path,
+    run_as: Option<crate::RunAs>,
+    req_type: rpc::Criu_req_type,
+    opts: Option<rpc::Criu_opts>,
+    features: Option<rpc::Criu_features>,
+    stderr: Option<File>,
+) -> Result<rpc::Criu_resp, CriuError> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -42,7 +57,20 @@ pub(crate) fn call(
     )
     .map_err(|source| CriuError::Socket { source })?;
 
-    let mut cmd = Command::new(binary);
+    let mut cmd = match run_as {
+        None => Command::new(binary),
+        Some(u) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={}", u.uid))
+                .arg(format!("--regid={}", u.gid))
+                .arg("--clear-groups")
+                .arg(format!("--inh-caps={UNPRIVILEGED_CAPS}"))
+                .arg(format!("--ambient-caps={UNPRIVILEGED_CAPS}"))
+                .arg("--")
+                .arg(binary);
+            c
+        }
+    };
     cmd.arg("swrk")
         .arg("0")
         .stdin(Stdio::from(theirs))

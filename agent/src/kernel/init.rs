@@ -197,6 +197,10 @@ pub fn apply(sys: &dyn Sys, call: &Call) -> Result<(), SysError> {
         Call::NoNewPrivs => sys.set_no_new_privs(),
         Call::Dumpable => sys.set_dumpable(),
         Call::Chdir(d) => sys.chdir(d),
+        Call::InitBecomeUser(u) => Err(SysError {
+            call: Call::InitBecomeUser(*u),
+            source: io::Error::other("not a step of the kernel process"),
+        }),
     }
 }
 
@@ -318,14 +322,14 @@ where
     supervise(kernel, &mask, &config.kernel)
 }
 
-/// Starts the kernel. The init itself stays root, in a new session: CRIU injects its
+/// Starts the kernel. The kernel process drops to the notebook user with no
+/// capabilities between fork and exec ([`privilege_steps`]); a failed step is sent back
+/// on a close-on-exec pipe and named in the error. The init then becomes the notebook
+/// user too but keeps CAP_SYS_ADMIN ([`Sys::init_become_user`]): CRIU injects its
 /// parasite into the root of the dumped tree, and for a tree with its own PID namespace
-/// the parasite mounts a procfs of that namespace, which needs CAP_SYS_ADMIN there. The
-/// init does nothing but reap and forward signals, takes no input from the kernel, and
-/// the kernel (another uid, no capabilities) can neither signal nor ptrace it. The
-/// kernel process drops to the notebook user with no capabilities between fork and
-/// exec ([`privilege_steps`]); a failed step is sent back on a close-on-exec pipe and
-/// named in the error.
+/// the parasite mounts a procfs of that namespace. The init does nothing but reap and
+/// forward signals and takes no input from the kernel; the kernel cannot ptrace it (it
+/// lacks the init's capability) and can only signal it, ending its own namespace.
 fn start<S>(sys: &S, config: &InitConfig) -> Result<(Pid, SigSet), InitError>
 where
     S: Sys + Clone + Send + Sync + 'static,
@@ -389,6 +393,11 @@ where
         program: program.clone(),
         source: io::Error::other("pid out of range"),
     })?;
+    sys.init_become_user(config.uid, config.gid, &config.groups)
+        .map_err(privileges)?;
+    // CRIU's parasite creates (and removes) a scratch directory for the namespace's
+    // procfs in the root task's working directory: it must be the user's.
+    sys.chdir(&config.cwd).map_err(privileges)?;
     Ok((Pid::from_raw(pid), mask))
 }
 

@@ -694,6 +694,9 @@ pub fn launch(config: &LaunchConfig) -> Result<KernelProcess, LaunchError> {
         .mode(0o600)
         .open(&config.log_path)
         .map_err(io_err("open the kernel log", &config.log_path))?;
+    // The kernel's user owns its log: a CRIU restore (running as that user) reopens it.
+    std::os::unix::fs::fchown(&log, Some(config.user.uid), Some(config.user.gid))
+        .map_err(io_err("chown the kernel log", &config.log_path))?;
     let devnull = File::open("/dev/null").map_err(io_err("open", Path::new("/dev/null")))?;
     let pipe = |what| {
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| LaunchError::Io {

@@ -47,6 +47,9 @@ pub enum Call {
     Dumpable,
     /// `chdir(dir)`.
     Chdir(PathBuf),
+    /// The init itself becomes the notebook user, keeping only CAP_SYS_ADMIN (see
+    /// [`Sys::init_become_user`]).
+    InitBecomeUser(u32),
 }
 
 impl fmt::Display for Call {
@@ -65,6 +68,9 @@ impl fmt::Display for Call {
             Call::NoNewPrivs => write!(f, "set PR_SET_NO_NEW_PRIVS"),
             Call::Dumpable => write!(f, "set PR_SET_DUMPABLE"),
             Call::Chdir(d) => write!(f, "chdir to {}", d.display()),
+            Call::InitBecomeUser(u) => {
+                write!(f, "switch the init to uid {u} keeping only CAP_SYS_ADMIN")
+            }
         }
     }
 }
@@ -103,6 +109,13 @@ pub trait Sys {
     fn set_dumpable(&self) -> Result<(), SysError>;
     /// `chdir(dir)`.
     fn chdir(&self, dir: &Path) -> Result<(), SysError>;
+    /// Turns the (root) init into the notebook user with CAP_SYS_ADMIN as its only
+    /// capability (bounding set too), no_new_privs and dumpable. CRIU then runs as that
+    /// same user (hosts without CAP_SYS_RESOURCE cannot `prlimit` another user's
+    /// process), and its parasite in the init needs CAP_SYS_ADMIN to mount a procfs of
+    /// the kernel's PID namespace. The kernel cannot ptrace the init: it lacks a
+    /// capability the init has.
+    fn init_become_user(&self, uid: u32, gid: u32, groups: &[u32]) -> Result<(), SysError>;
 }
 
 /// The real calls (nix and caps).
@@ -206,6 +219,32 @@ impl Sys for RealSys {
     fn chdir(&self, dir: &Path) -> Result<(), SysError> {
         nix::unistd::chdir(dir).map_err(errno(Call::Chdir(dir.to_owned())))
     }
+
+    fn init_become_user(&self, uid: u32, gid: u32, groups: &[u32]) -> Result<(), SysError> {
+        use caps::Capability;
+        let call = Call::InitBecomeUser(uid);
+        let keep: caps::CapsHashSet = [Capability::CAP_SYS_ADMIN].into_iter().collect();
+        // Bounding set first: dropping needs CAP_SETPCAP, gone after setuid.
+        for cap in caps::read(None, CapSet::Bounding).map_err(caps_err(call.clone()))? {
+            if cap != Capability::CAP_SYS_ADMIN {
+                caps::drop(None, CapSet::Bounding, cap).map_err(caps_err(call.clone()))?;
+            }
+        }
+        caps::clear(None, CapSet::Ambient).map_err(caps_err(call.clone()))?;
+        caps::clear(None, CapSet::Inheritable).map_err(caps_err(call.clone()))?;
+        nix::sys::prctl::set_keepcaps(true).map_err(errno(call.clone()))?;
+        let gids: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
+        nix::unistd::setgroups(&gids).map_err(errno(call.clone()))?;
+        let g = Gid::from_raw(gid);
+        nix::unistd::setresgid(g, g, g).map_err(errno(call.clone()))?;
+        let u = Uid::from_raw(uid);
+        nix::unistd::setresuid(u, u, u).map_err(errno(call.clone()))?;
+        caps::set(None, CapSet::Permitted, &keep).map_err(caps_err(call.clone()))?;
+        caps::set(None, CapSet::Effective, &keep).map_err(caps_err(call.clone()))?;
+        nix::sys::prctl::set_keepcaps(false).map_err(errno(call.clone()))?;
+        nix::sys::prctl::set_no_new_privs().map_err(errno(call.clone()))?;
+        nix::sys::prctl::set_dumpable(true).map_err(errno(call))
+    }
 }
 
 /// A fake that records the calls in order and fails the first call matching
@@ -281,6 +320,9 @@ impl Sys for RecordingSys {
     }
     fn chdir(&self, dir: &Path) -> Result<(), SysError> {
         self.record(Call::Chdir(dir.to_owned()))
+    }
+    fn init_become_user(&self, uid: u32, _gid: u32, _groups: &[u32]) -> Result<(), SysError> {
+        self.record(Call::InitBecomeUser(uid))
     }
 }
 

@@ -474,8 +474,22 @@ impl Runtime {
             self.cfg.checkpoint_budget,
             self.cfg.proc_root.clone(),
         );
+        // A root agent runs CRIU as the notebook user (see `RunAs`).
+        let run_as = if nix::unistd::geteuid().is_root() {
+            self.cfg
+                .kernel_user
+                .as_deref()
+                .and_then(|u| nix::unistd::User::from_name(u).ok().flatten())
+                .filter(|u| !u.uid.is_root())
+                .map(|u| nbagent_checkpoint::RunAs {
+                    uid: u.uid.as_raw(),
+                    gid: u.gid.as_raw(),
+                })
+        } else {
+            None
+        };
         let opened = tokio::task::spawn_blocking(move || {
-            reactive::Checkpointer::open(&criu, &dir, budget, &proc_root)
+            reactive::Checkpointer::open(&criu, &dir, budget, &proc_root, run_as)
         })
         .await;
         match opened {
@@ -849,7 +863,6 @@ impl Runtime {
             }),
         })?;
         let info = crate::kernel::client::new_connection_info("127.0.0.1", &spec.name)?;
-        let log = dir.join("kernel.log");
         // The connection file holds the kernel's HMAC key (not the agent's): the
         // kernel user must read it, so it lives in a per-kernel directory of the
         // runtime directory, owned by that user.
@@ -858,6 +871,9 @@ impl Runtime {
             .runtime_dir
             .join(format!("kernel-{}", uuid::Uuid::new_v4()));
         let conn_file = conn_dir.join("connection.json");
+        // The log lives beside it, owned by the kernel's user: CRIU (running as that
+        // user) must be able to reach every file the kernel holds open.
+        let log = conn_dir.join("kernel.log");
         ensure_traversable(&self.cfg.runtime_dir).map_err(|source| LaunchFileError {
             path: self.cfg.runtime_dir.clone(),
             source,

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nbagent_checkpoint::store::{CheckpointId, CheckpointKey, Outcome, Store, StoreConfig};
-use nbagent_checkpoint::{Criu, CriuConfig, DumpOptions, RestoreOptions};
+use nbagent_checkpoint::{Criu, CriuConfig, DumpOptions, RestoreOptions, RunAs};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
@@ -230,18 +230,46 @@ pub struct Checkpointer {
     store: Store,
     notebook: String,
     proc_root: PathBuf,
+    run_as: Option<RunAs>,
+}
+
+/// Gives `dir` and everything in it to `uid:gid` with the given modes.
+fn own_tree(dir: &Path, uid: u32, gid: u32, dir_mode: u32, file_mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))?;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_dir() {
+            own_tree(&e.path(), uid, gid, dir_mode, file_mode)?;
+        } else if t.is_file() {
+            std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid))?;
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(file_mode))?;
+        }
+    }
+    Ok(())
 }
 
 impl Checkpointer {
     /// Opens the store under `root` and checks CRIU. `Err` says why reactive mode
     /// falls back to re-execution.
+    ///
+    /// With `run_as` (the notebook user, when the agent is root), dumps and restores
+    /// run as that user in CRIU's unprivileged mode (see [`RunAs`]); a checkpoint's
+    /// directory belongs to that user only while CRIU works in it, and to root
+    /// (readable by the user's group) otherwise, so the kernel cannot alter an image
+    /// it will be restored from.
     pub fn open(
         criu_binary: &Path,
         root: &Path,
         budget_bytes: u64,
         proc_root: &Path,
+        run_as: Option<RunAs>,
     ) -> Result<Self, ReactiveError> {
-        let criu = Criu::new(CriuConfig::with_binary(criu_binary));
+        let mut config = CriuConfig::with_binary(criu_binary);
+        config.run_as = run_as;
+        let criu = Criu::new(config);
         let probe = criu.probe()?;
         info!(
             version = %probe.version,
@@ -250,11 +278,21 @@ impl Checkpointer {
             "checkpoints on"
         );
         let store = Store::open(StoreConfig::new(root, budget_bytes))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Traversable (CRIU may run as the notebook user), not listable.
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711)).map_err(
+                |e| {
+                    ReactiveError::Unsafe(format!("cannot set the mode of {}: {e}", root.display()))
+                },
+            )?;
+        }
         Ok(Self {
             criu: std::sync::Arc::new(criu),
             store,
             notebook: DEFAULT_NOTEBOOK.into(),
             proc_root: proc_root.to_owned(),
+            run_as,
         })
     }
 
@@ -318,9 +356,26 @@ impl Checkpointer {
         }
         let criu = self.criu.clone();
         let images = dir.clone();
-        let dumped =
-            tokio::task::spawn_blocking(move || criu.dump(pid, &images, &DumpOptions::default()))
-                .await?;
+        let run_as = self.run_as;
+        let dumped = tokio::task::spawn_blocking(move || {
+            if let Some(u) = run_as {
+                own_tree(&images, u.uid, u.gid, 0o700, 0o600).map_err(|source| {
+                    nbagent_checkpoint::CriuError::Io {
+                        op: "hand over to the notebook user",
+                        path: images.clone(),
+                        source,
+                    }
+                })?;
+            }
+            let r = criu.dump(pid, &images, &DumpOptions::default());
+            if let Some(u) = run_as
+                && let Err(e) = own_tree(&images, 0, u.gid, 0o750, 0o640)
+            {
+                warn!(dir = %images.display(), error = %e, "cannot take back the checkpoint directory");
+            }
+            r
+        })
+        .await?;
         match dumped {
             Ok(stats) => {
                 if !found.files.is_empty() {
@@ -401,9 +456,28 @@ impl Checkpointer {
         self.check_files(id).map_err(ReactiveError::Unsafe)?;
         let criu = self.criu.clone();
         let dir = self.store.dir(id);
-        let stats =
-            tokio::task::spawn_blocking(move || criu.restore(&dir, &RestoreOptions::default()))
-                .await??;
+        let run_as = self.run_as;
+        let stats = tokio::task::spawn_blocking(move || {
+            // The kernel is gone: nothing of the notebook user runs while CRIU (as that
+            // user) writes its restore log here.
+            if let Some(u) = run_as {
+                own_tree(&dir, u.uid, u.gid, 0o700, 0o600).map_err(|source| {
+                    nbagent_checkpoint::CriuError::Io {
+                        op: "hand over to the notebook user",
+                        path: dir.clone(),
+                        source,
+                    }
+                })?;
+            }
+            let r = criu.restore(&dir, &RestoreOptions::default());
+            if let Some(u) = run_as
+                && let Err(e) = own_tree(&dir, 0, u.gid, 0o750, 0o640)
+            {
+                warn!(dir = %dir.display(), error = %e, "cannot take back the checkpoint directory");
+            }
+            r
+        })
+        .await??;
         if let Err(e) = self.store.touch(id) {
             debug!(error = %e, "cannot mark the checkpoint used");
         }
