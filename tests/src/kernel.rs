@@ -91,6 +91,8 @@ pub struct Notebook {
     pub log: PathBuf,
     /// When the supervisor was spawned.
     pub started: Instant,
+    /// The same, Unix milliseconds (to compare with the store's `received_at`).
+    pub started_unix_ms: i64,
     supervisor: Child,
     exited: Option<ExitStatus>,
     cells: AtomicUsize,
@@ -143,6 +145,7 @@ impl Notebook {
             .stdout(f.try_clone().expect("dup"))
             .stderr(f);
         let started = Instant::now();
+        let started_unix_ms = unix_ms();
         let supervisor = cmd.spawn().expect("spawn nbsupervisor");
         Notebook {
             server,
@@ -153,6 +156,7 @@ impl Notebook {
             runtime_dir,
             log,
             started,
+            started_unix_ms,
             supervisor,
             exited: None,
             cells: AtomicUsize::new(0),
@@ -338,6 +342,14 @@ impl Drop for Notebook {
             );
         }
     }
+}
+
+/// Now, Unix milliseconds.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 /// The stdout text of a cell, concatenated.
