@@ -555,8 +555,8 @@ async fn refused_users() {
 }
 
 /// 6. SIGKILL to the agent mid-cell: the kernel survives with its state, nbsupervisor
-///    restarts the agent, the new agent adopts the kernel and reports an output gap for
-///    the interrupted cell, and the next cell sees the variables. Restarting the adopted
+///    restarts the agent, the new agent adopts the kernel, reports an output gap for the
+///    running cell and collects the rest of it, and the next cell sees the variables. Restarting the adopted
 ///    kernel (now an orphan of nbsupervisor) leaves nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_crash_keeps_the_kernel() {
@@ -613,17 +613,23 @@ async fn agent_crash_keeps_the_kernel() {
         "interrupted cell: {:?}, outputs {:?}; gap: {reason}",
         r.status, r.outputs
     );
-    // What adoption does today (`Runtime::adopt`): the cell that was running is closed
-    // as Aborted at once, although the kernel goes on running it; its later outputs
-    // ('done') are not collected. The command was not delivered again: the cell ran once.
-    assert_eq!(r.status, CellStatus::Aborted);
+    // The new agent collected the rest of the cell: its end and the output printed
+    // after the adoption ('done'). The command was not delivered again: 'started' once.
+    assert_eq!(r.status, CellStatus::Ok, "{:?}", r.outputs);
     assert_eq!(
         r.outputs,
-        [OutputContent::Stream {
-            name: "stdout".into(),
-            text: "started\n".into()
-        }]
+        [
+            OutputContent::Stream {
+                name: "stdout".into(),
+                text: "started\n".into()
+            },
+            OutputContent::Stream {
+                name: "stdout".into(),
+                text: "done\n".into()
+            }
+        ]
     );
+    assert!(r.duration_ms >= 3000, "duration {} ms", r.duration_ms);
     let after = nb.record().expect("record");
     assert_eq!(
         (after.pid, after.start_ticks),
@@ -655,6 +661,60 @@ async fn agent_crash_keeps_the_kernel() {
         .filter(|p| p.state == 'Z')
         .collect();
     assert!(zombies.is_empty(), "zombies: {zombies:?}");
+}
+
+/// 6b. SIGKILL to the agent while a cell loops forever: the new agent adopts the busy
+///     kernel at once (it does not wait for the cell to end), follows the cell, and an
+///     interrupt ends it; the kernel's state is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_crash_in_a_busy_loop_can_be_interrupted() {
+    if skip("agent_crash_in_a_busy_loop_can_be_interrupted") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let nb = warm_notebook().await;
+    let agent = nb.agent_pid().expect("agent pid");
+    let req = nb
+        .submit("x = 7\nprint('looping', flush=True)\nwhile True:\n    pass")
+        .await;
+    nb.wait_for("output", Duration::from_secs(10), |m| {
+        m.iter()
+            .any(|s| matches!(&s.msg, Message::Output { request, .. } if *request == req))
+            .then_some(())
+    })
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    nb.wait_for("output_gap", Duration::from_secs(20), |m| {
+        m.first().cloned()
+    })
+    .await;
+    // The new agent follows the loop; an interrupt ends it like any cell.
+    let begun = Instant::now();
+    nb.command(&Message::Interrupt {
+        request: "int".into(),
+    })
+    .await;
+    let r = nb.wait(&req, Duration::from_secs(10)).await;
+    assert!(
+        begun.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        begun.elapsed()
+    );
+    assert_eq!(r.status, CellStatus::Error, "{:?}", r.outputs);
+    assert!(
+        r.outputs.iter().any(
+            |o| matches!(o, OutputContent::Error { ename, .. } if ename == "KeyboardInterrupt")
+        ),
+        "{:?}",
+        r.outputs
+    );
+    let req = nb.submit("print(x)").await;
+    let r = nb.wait(&req, Duration::from_secs(10)).await;
+    assert_eq!((r.status, stdout_of(&r).as_str()), (CellStatus::Ok, "7\n"));
 }
 
 const ORPHANS: &str = r#"
