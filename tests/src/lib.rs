@@ -3,27 +3,32 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kernel;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Path of a workspace binary built next to the test executable
-/// (`target/<profile>/<name>`). `scripts/test.sh` builds them first.
+/// Path of a workspace binary built next to the running executable: a test lives in
+/// `target/<profile>/deps/` and a benchmark program in `target/<profile>/`; the binaries
+/// are in `target/<profile>/<name>`. `scripts/test.sh` builds them first.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} not found: build the binaries first (cargo build --workspace --bins, as scripts/test.sh does)",
-        p.display()
+    let here = exe.parent().expect("executable in a directory");
+    let candidates = [Some(here), here.parent()];
+    if let Some(p) = candidates
+        .iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+    {
+        return p;
+    }
+    panic!(
+        "{name} not found next to {}: build the binaries first (cargo build --bins -p nbagent -p nbserver -p nbsupervisor, as scripts/test.sh does)",
+        exe.display()
     );
-    p
 }
 
 /// A free loopback port (bound and released; good enough for tests on one machine).

@@ -17,9 +17,12 @@
 //!
 //! The kernel outlives the agent: if the agent is killed, `nbsupervisor` restarts it,
 //! and the new agent finds the [`KernelRecord`], checks that the process is the same
-//! one, connects fresh sockets and carries on. Outputs the kernel published while no
-//! agent listened are lost (ZeroMQ PUB drops them); the runtime reports that as an
-//! `output_gap` instead of hiding it.
+//! one, connects fresh sockets (handshake on control: the kernel may still be busy with
+//! the cell the dead agent sent) and carries on. That cell's msg_id is in the record:
+//! the new agent collects the rest of its outputs and its end, and it can be
+//! interrupted like any other. Outputs the kernel published while no agent listened are
+//! lost (ZeroMQ PUB drops them); the runtime reports that as an `output_gap` instead of
+//! hiding it.
 
 pub mod reactive;
 pub mod record;
@@ -106,6 +109,9 @@ struct Pending {
     request: String,
     cell: String,
     code: String,
+    /// A cell a previous agent sent, still running in an adopted kernel: collect the
+    /// rest of it instead of sending `code`.
+    resume: Option<RunningCell>,
 }
 
 /// The process behind the kernel.
@@ -767,7 +773,12 @@ impl Runtime {
                 return None;
             }
         };
-        let client = match KernelClient::connect(&info, self.cfg.start_timeout).await {
+        // The kernel may still be running the cell the previous agent sent: a busy
+        // kernel answers kernel_info on control only (on shell it would answer once the
+        // cell ends, which may be never).
+        let client = match KernelClient::connect_busy(&info, &rec.session, self.cfg.start_timeout)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 warn!(pid = rec.pid, error = %chain(&e), "cannot reconnect to the recorded kernel; stopping it");
@@ -802,27 +813,46 @@ impl Runtime {
             record: rec,
             record_path: path,
         };
-        if let Some(running) = kernel.record.running.take() {
+        kernel.record.session = kernel.client.session().to_owned();
+        let _ = kernel.record.save(&kernel.record_path);
+        if let Some(running) = kernel.record.running.clone() {
             // The previous agent died during this cell. Its outputs from then until
             // now were published with nobody listening.
+            let resumable = !running.msg_id.is_empty();
             let reason = format!(
                 "the agent restarted while cell {} was running; outputs the kernel \
-                 published while no agent listened are lost, and its end was not observed",
-                running.cell
+                 published while no agent listened are lost{}",
+                running.cell,
+                if resumable {
+                    ""
+                } else {
+                    ", and its end was not observed"
+                }
             );
             warn!(cell = %running.cell, "{reason}");
             let _ = self.reporter.gap(Some(&running.cell), &reason).await;
-            let _ = self
-                .reporter
-                .cell_finished(
-                    &running.request,
-                    &running.cell,
-                    CellStatus::Aborted,
-                    None,
-                    0,
-                )
-                .await;
-            let _ = kernel.record.save(&kernel.record_path);
+            if resumable {
+                // Collect the rest of it (and let it be interrupted) before anything else.
+                self.queue.push_front(Pending {
+                    request: running.request.clone(),
+                    cell: running.cell.clone(),
+                    code: String::new(),
+                    resume: Some(running),
+                });
+            } else {
+                kernel.record.running = None;
+                let _ = self
+                    .reporter
+                    .cell_finished(
+                        &running.request,
+                        &running.cell,
+                        CellStatus::Aborted,
+                        None,
+                        0,
+                    )
+                    .await;
+                let _ = kernel.record.save(&kernel.record_path);
+            }
         }
         Some(kernel)
     }
@@ -934,6 +964,12 @@ impl Runtime {
                 return Err(e.into());
             }
         };
+        // The shell identity, so that a successor gets the replies of a running cell.
+        let mut record = record;
+        record.session = client.session().to_owned();
+        if let Err(e) = record.save(&record_path) {
+            warn!(error = %chain(&e), "cannot update the kernel record");
+        }
         info!(
             pid,
             user = %user.name,
@@ -1055,6 +1091,7 @@ impl Runtime {
                     request,
                     cell,
                     code,
+                    resume: None,
                 }),
                 Message::RunFrom {
                     request,
@@ -1129,6 +1166,7 @@ impl Runtime {
                 request: format!("{request}/{i}"),
                 cell: c.id,
                 code: c.code,
+                resume: None,
             });
         }
     }
@@ -1177,6 +1215,14 @@ impl Runtime {
     /// Runs one cell, reading commands meanwhile.
     #[instrument(skip_all, fields(cell = %p.cell, request = %p.request))]
     async fn run_cell(&mut self, p: Pending, commands: &mut mpsc::Receiver<Frame>) -> CellEnd {
+        if p.resume.is_some() && self.kernel.is_none() {
+            // The adopted kernel is gone already; its death was reported.
+            let _ = self
+                .reporter
+                .cell_finished(&p.request, &p.cell, CellStatus::KernelDied, None, 0)
+                .await;
+            return CellEnd::Done;
+        }
         if !self.ensure_kernel().await {
             let why = self
                 .start_error
@@ -1201,16 +1247,22 @@ impl Runtime {
                 .await;
             return CellEnd::Done;
         }
-        let _ = self.reporter.cell_started(&p.request, &p.cell).await;
+        if p.resume.is_none() {
+            let _ = self.reporter.cell_started(&p.request, &p.cell).await;
+        }
         let Some(kernel) = self.kernel.as_mut() else {
             return CellEnd::Done;
         };
-        kernel.record.running = Some(RunningCell {
+        // The msg_id is recorded before the request is sent, so that a successor
+        // can collect the rest of the cell if this agent dies.
+        let running = p.resume.clone().unwrap_or_else(|| RunningCell {
             request: p.request.clone(),
             cell: p.cell.clone(),
-            msg_id: String::new(),
+            msg_id: uuid::Uuid::new_v4().to_string(),
             started_ms: report::now_ms(),
         });
+        let (msg_id, started_ms) = (running.msg_id.clone(), running.started_ms);
+        kernel.record.running = Some(running);
         if let Err(e) = kernel.record.save(&kernel.record_path) {
             warn!(error = %chain(&e), "cannot update the kernel record");
         }
@@ -1253,7 +1305,14 @@ impl Runtime {
                 ..
             } = kernel;
             let pid = process.pid();
-            let exec = client.execute_to(&p.code, &tx);
+            let resuming = p.resume.is_some();
+            let exec = async {
+                if resuming {
+                    client.resume_to(&msg_id, &tx).await
+                } else {
+                    client.execute_to_with_id(&p.code, &msg_id, &tx).await
+                }
+            };
             tokio::pin!(exec);
             let mut death_tick = tokio::time::interval(DEATH_POLL);
             death_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1287,7 +1346,7 @@ impl Runtime {
                             interrupt_kernel(*interrupt, control, pid).await;
                         }
                         Some(Message::ExecuteCell { request, cell, code }) => {
-                            self.queue.push_back(Pending { request, cell, code });
+                            self.queue.push_back(Pending { request, cell, code, resume: None });
                         }
                         Some(Message::RestartKernel { .. }) => {
                             status = CellStatus::Aborted;
@@ -1329,7 +1388,11 @@ impl Runtime {
                 &p.cell,
                 status,
                 execution_count,
-                begun.elapsed().as_millis() as u64,
+                if p.resume.is_some() {
+                    report::now_ms().saturating_sub(started_ms)
+                } else {
+                    begun.elapsed().as_millis() as u64
+                },
             )
             .await;
         if died.is_none() && matches!(end, CellEnd::Done) && status != CellStatus::Aborted {
@@ -1357,7 +1420,9 @@ impl Runtime {
         match KernelClient::connect(&info, self.cfg.start_timeout).await {
             Ok(c) => {
                 k.control = c.control();
+                k.record.session = c.session().to_owned();
                 k.client = c;
+                let _ = k.record.save(&k.record_path);
             }
             Err(e) => warn!(error = %chain(&e), "cannot reconnect to the kernel"),
         }
