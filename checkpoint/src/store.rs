@@ -1174,4 +1174,145 @@ mod tests {
         let e = Store::open(StoreConfig::new(tmp.path(), 100)).unwrap_err();
         assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
     }
+
+    /// Pseudo-random bytes (xorshift), deterministic per seed.
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Records a fake dump whose memory image is `pages`.
+    fn add_dump(s: &mut Store, cell: &str, pages: &[u8]) -> CheckpointId {
+        let (id, dir) = s.allocate().unwrap();
+        fs::write(dir.join("pages-1.img"), pages).unwrap();
+        fs::write(dir.join("core-1.img"), b"core").unwrap();
+        let st = s
+            .record(
+                id.clone(),
+                key(cell, "1", None),
+                Outcome::ok(0, Duration::from_millis(5)),
+            )
+            .unwrap()
+            .expect("ingested");
+        assert_eq!(st.logical_bytes, pages.len() as u64);
+        id
+    }
+
+    const P: usize = crate::chunks::PAGE;
+
+    #[test]
+    fn dedup_counts_unique_bytes_and_frees_unique_chunks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig::new(tmp.path(), u64::MAX).with_chunking(Chunking::fixed(4 * P));
+        let mut s = Store::open(cfg.clone()).unwrap();
+        // Ten versions of 1 MiB, each changing one page of the previous.
+        let mut pages = random(256 * P, 7);
+        let mut ids = Vec::new();
+        let mut versions = Vec::new();
+        for i in 0..10 {
+            pages[(i * 25 + 3) * P] ^= 0x5a;
+            versions.push(pages.clone());
+            ids.push(add_dump(&mut s, &format!("c{i}"), &pages));
+        }
+        let one = pages.len() as u64;
+        // 1 MiB + 9 changed chunks of 16 KiB, plus small files; one hot copy.
+        let own: u64 = s.entries().iter().map(|e| e.own_bytes).sum();
+        let unique = s.stored_bytes() - own;
+        assert!(unique <= one + 10 * 4 * P as u64, "{unique}");
+        assert_eq!(s.hot_bytes(), one);
+        assert!(s.get(&ids[9]).unwrap().hot && !s.get(&ids[0]).unwrap().hot);
+        assert!(!s.dir(&ids[0]).join("pages-1.img").exists());
+        // Marginal: only the changed chunk (and its own files) is the first's alone.
+        let own = s.get(&ids[0]).unwrap().own_bytes;
+        assert_eq!(s.marginal_bytes(&ids[0]), own + 4 * P as u64);
+
+        // Rebuilding an old one gives back its bytes; it becomes the hot one.
+        let img = s.images(&ids[0]).unwrap();
+        assert!(img.materialised.is_some());
+        assert_eq!(fs::read(img.dir.join("pages-1.img")).unwrap(), versions[0]);
+        assert!(fs::read(img.dir.join("core-1.img")).is_ok());
+        assert!(!s.get(&ids[9]).unwrap().hot);
+        let again = s.images(&ids[0]).unwrap();
+        assert!(again.materialised.is_none(), "hot: no copy");
+        let last = s.images(&ids[9]).unwrap();
+        assert_eq!(fs::read(last.dir.join("pages-1.img")).unwrap(), versions[9]);
+
+        // Reopening recounts from the manifests.
+        let (stored, total) = (s.stored_bytes(), s.total_bytes());
+        drop(s);
+        let mut s = Store::open(cfg).unwrap();
+        assert_eq!((s.stored_bytes(), s.total_bytes()), (stored, total));
+
+        // Evicting down to a budget frees exactly the unique chunks of the victims.
+        let chunks_before = s.chunk_store().list().unwrap().0.len();
+        s.config.budget_bytes = s.total_bytes() - 3 * 4 * P as u64;
+        let evicted = s.evict("nb", &[]).unwrap();
+        assert!(!evicted.is_empty(), "something went");
+        assert!(s.total_bytes() <= s.config.budget_bytes);
+        let chunks_after = s.chunk_store().list().unwrap().0.len();
+        assert_eq!(
+            chunks_before - chunks_after,
+            evicted.len(),
+            "one unique chunk each"
+        );
+        // The rest still restore to their bytes.
+        for (i, id) in ids.iter().enumerate() {
+            if evicted.contains(id) {
+                assert!(matches!(
+                    s.images(id),
+                    Err(StoreError::NotUsable { .. }) | Err(StoreError::Unknown { .. })
+                ));
+                continue;
+            }
+            let img = s.images(id).unwrap();
+            assert_eq!(
+                fs::read(img.dir.join("pages-1.img")).unwrap(),
+                versions[i],
+                "{id}"
+            );
+        }
+        // Evicting all but the latest leaves its chunks only.
+        s.config.budget_bytes = 0;
+        s.evict("nb", &[]).unwrap();
+        let latest = s.entries().iter().filter(|e| e.usable()).count();
+        assert_eq!(latest, 1);
+        assert_eq!(s.chunk_store().list().unwrap().0.len(), 256 / 4);
+        assert_eq!(s.hot_bytes(), 0, "over budget: hot copies go too");
+    }
+
+    #[test]
+    fn unreferenced_chunks_are_swept_on_open_and_damage_is_contained() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig::new(tmp.path(), u64::MAX).with_hot_copies(0);
+        let mut s = Store::open(cfg.clone()).unwrap();
+        let a = add_dump(&mut s, "a", &random(64 * P, 1));
+        let b = add_dump(&mut s, "b", &random(64 * P, 2));
+        assert_eq!(s.hot_bytes(), 0, "no hot copies");
+        let n = s.chunk_store().list().unwrap().0.len();
+        // A crash after writing chunks but before the index: they are orphans.
+        s.chunk_store().put(&random(P, 3)).unwrap();
+        // A damaged manifest: that checkpoint is given up, not the store.
+        fs::write(s.dir(&b).join(crate::chunks::MANIFEST_FILE), b"{").unwrap();
+        drop(s);
+        let mut s = Store::open(cfg).unwrap();
+        assert!(matches!(
+            s.get(&b).unwrap().status,
+            Status::NotRestorable(_)
+        ));
+        assert!(s.get(&a).unwrap().usable());
+        assert!(s.chunk_store().list().unwrap().0.len() < n);
+        let img = s.images(&a).unwrap();
+        assert_eq!(
+            fs::read(img.dir.join("pages-1.img")).unwrap(),
+            random(64 * P, 1)
+        );
+    }
 }
