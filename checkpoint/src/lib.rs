@@ -5,7 +5,9 @@
 //!   [`Criu::restore`] (optionally lazy), and [`kill_tree`] to free a tree's pids
 //!   before restoring it.
 //! - [`store`] keeps checkpoints on disk keyed by notebook, cell, code hash and
-//!   predecessor, under a byte budget.
+//!   predecessor, under a byte budget, with memory images deduplicated through the
+//!   content-addressed chunk store of [`chunks`]: [`store::Store::record`] stores a
+//!   dump, [`store::Store::images`] gives back a restorable images directory.
 //!
 //! # Parentage after restore
 //!
@@ -18,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod chunks;
 mod criu;
 mod error;
 mod process;

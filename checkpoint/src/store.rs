@@ -24,11 +24,29 @@
 //! incremental dump still needs as its parent. It returns the evicted ids so that the
 //! caller can tell the server.
 //!
+//! # Deduplication and hot copies
+//!
+//! With [`StoreConfig::dedup`] (the default), [`Store::record`] moves the memory
+//! images of a successful dump (`pages-*.img`) into the content-addressed chunk store
+//! shared by all checkpoints (see [`crate::chunks`]) and leaves a manifest in the
+//! checkpoint's directory; the other image files are small and stay as they are.
+//! Chunks are reference-counted: evicting a checkpoint deletes the chunks no other
+//! checkpoint references, and the budget counts every chunk once. A checkpoint's
+//! [`Store::marginal_bytes`] are what evicting it would free.
+//!
+//! The [`StoreConfig::hot_copies`] most recently used checkpoints (recorded or
+//! restored) also keep their memory images as plain files (a *hot copy*), so that
+//! restoring them costs no copy; [`Store::images`] rebuilds the others from their
+//! chunks first. Hot copies count against the budget and are the first thing given up
+//! when it is exceeded.
+//!
 //! # Layout
 //!
 //! ```text
 //! <root>/index.json        the index (written to index.json.tmp, then renamed)
-//! <root>/<id>/             images of checkpoint <id> (CRIU's files, logs)
+//! <root>/<id>/             images of checkpoint <id> (CRIU's files, logs; with
+//!                          dedup the manifest, and pages-*.img only while hot)
+//! <root>/chunks/ab/cd...   chunk files, named by the SHA-256 of their contents
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,8 +58,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunks::{
+    ChunkError, ChunkRefs, ChunkStore, Chunking, Compression, IngestStats, Manifest,
+    MaterialiseStats, is_chunked_file,
+};
+
 /// The index file under the root.
 pub const INDEX_FILE: &str = "index.json";
+/// The chunk store's directory under the root.
+pub const CHUNKS_DIR: &str = "chunks";
 /// Version of the index format.
 const INDEX_VERSION: u32 = 1;
 
@@ -103,7 +128,8 @@ pub struct Entry {
     pub id: CheckpointId,
     /// What it is the state of.
     pub key: CheckpointKey,
-    /// Bytes of its images (0 once evicted or when the dump failed).
+    /// Bytes of its images (0 once evicted or when the dump failed); with dedup, the
+    /// logical size of everything in its directory, memory images included.
     pub size_bytes: u64,
     /// How long the dump took, in milliseconds.
     pub duration_ms: u64,
@@ -115,6 +141,18 @@ pub struct Entry {
     pub parent_images: Option<CheckpointId>,
     /// Logical time of the last insert or use (for LRU eviction).
     pub last_used: u64,
+    /// Its memory images are in the chunk store (its directory holds a manifest).
+    #[serde(default)]
+    pub chunked: bool,
+    /// Its memory images are also in its directory as plain files (a hot copy).
+    #[serde(default)]
+    pub hot: bool,
+    /// Bytes of the files of its directory that are not chunked.
+    #[serde(default)]
+    pub own_bytes: u64,
+    /// Bytes of its chunked memory images (logical, before deduplication).
+    #[serde(default)]
+    pub pages_bytes: u64,
 }
 
 impl Entry {
@@ -128,7 +166,7 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Outcome {
-    /// Bytes of the images.
+    /// Bytes of the images (with dedup the store measures them itself).
     pub size_bytes: u64,
     /// Duration of the dump.
     pub duration: Duration,
@@ -207,6 +245,23 @@ pub enum StoreError {
         /// The id.
         id: CheckpointId,
     },
+    /// The checkpoint exists but cannot be restored.
+    #[error("checkpoint {id} cannot be restored: {status:?}")]
+    NotUsable {
+        /// The id.
+        id: CheckpointId,
+        /// Its status.
+        status: Status,
+    },
+    /// Storing or rebuilding deduplicated images failed.
+    #[error("checkpoint {id}: deduplicated images failed")]
+    Chunks {
+        /// The checkpoint.
+        id: CheckpointId,
+        /// The cause.
+        #[source]
+        source: ChunkError,
+    },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -231,18 +286,67 @@ struct Index {
 pub struct StoreConfig {
     /// Root directory; created if missing.
     pub root: PathBuf,
-    /// Most bytes of live images kept after [`Store::evict`].
+    /// Most bytes kept on disk after [`Store::evict`] (unique chunks, small image
+    /// files and hot copies).
     pub budget_bytes: u64,
+    /// Deduplicate memory images through the chunk store (default true).
+    pub dedup: bool,
+    /// How memory images are cut into chunks.
+    pub chunking: Chunking,
+    /// How chunks are stored (default raw).
+    pub compression: Compression,
+    /// How many of the most recently used checkpoints keep a hot copy (default 1: the
+    /// latest, or the one just restored).
+    pub hot_copies: usize,
 }
 
 impl StoreConfig {
-    /// A store at `root` with `budget_bytes`.
+    /// A store at `root` with `budget_bytes`, deduplicated, one hot copy.
     pub fn new(root: impl Into<PathBuf>, budget_bytes: u64) -> Self {
         Self {
             root: root.into(),
             budget_bytes,
+            dedup: true,
+            chunking: Chunking::default(),
+            compression: Compression::None,
+            hot_copies: 1,
         }
     }
+
+    /// Each checkpoint's images as CRIU wrote them, without the chunk store.
+    pub fn without_dedup(mut self) -> Self {
+        self.dedup = false;
+        self
+    }
+
+    /// Another chunking.
+    pub fn with_chunking(mut self, chunking: Chunking) -> Self {
+        self.chunking = chunking;
+        self
+    }
+
+    /// Another compression.
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+
+    /// Another number of hot copies.
+    pub fn with_hot_copies(mut self, n: usize) -> Self {
+        self.hot_copies = n;
+        self
+    }
+}
+
+/// A restorable images directory returned by [`Store::images`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Images {
+    /// The directory to give [`crate::Criu::restore`].
+    pub dir: PathBuf,
+    /// What rebuilding its memory images cost; `None` when it was hot or not
+    /// deduplicated.
+    pub materialised: Option<MaterialiseStats>,
 }
 
 /// The checkpoint store (synchronous std I/O; one owner).
@@ -250,6 +354,9 @@ impl StoreConfig {
 pub struct Store {
     config: StoreConfig,
     index: Index,
+    chunks: ChunkStore,
+    manifests: BTreeMap<CheckpointId, Manifest>,
+    refs: ChunkRefs,
 }
 
 impl Store {
@@ -278,12 +385,72 @@ impl Store {
             },
             Err(e) => return Err(io_err("read", &path)(e)),
         };
+        let chunks = ChunkStore::new(
+            config.root.join(CHUNKS_DIR),
+            config.chunking,
+            config.compression,
+        );
+        let mut store = Store {
+            config,
+            index,
+            chunks,
+            manifests: BTreeMap::new(),
+            refs: ChunkRefs::default(),
+        };
+        store.load_manifests()?;
         tracing::debug!(
-            root = %config.root.display(),
-            checkpoints = index.entries.len(),
+            root = %store.config.root.display(),
+            checkpoints = store.index.entries.len(),
+            unique_chunks = store.refs.len(),
             "checkpoint store opened"
         );
-        Ok(Store { config, index })
+        Ok(store)
+    }
+
+    /// Loads the manifests of live chunked checkpoints, then sweeps chunk files that
+    /// none references (left by a crash between writing chunks and the index).
+    fn load_manifests(&mut self) -> Result<(), StoreError> {
+        let mut damaged = Vec::new();
+        for e in self
+            .index
+            .entries
+            .iter()
+            .filter(|e| e.chunked && e.size_bytes > 0)
+        {
+            match Manifest::read(&self.config.root.join(e.id.as_str())) {
+                Ok(Some(m)) => {
+                    self.refs.add(&m);
+                    self.manifests.insert(e.id.clone(), m);
+                }
+                Ok(None) => damaged.push((e.id.clone(), "its manifest is missing".to_owned())),
+                Err(err) => damaged.push((e.id.clone(), err.to_string())),
+            }
+        }
+        for (id, reason) in damaged {
+            tracing::warn!(checkpoint = %id, reason, "checkpoint images damaged");
+            self.mark_not_restorable(&id, reason)?;
+        }
+        let (ids, stray) = self.chunks.list().map_err(|source| StoreError::Chunks {
+            id: CheckpointId(CHUNKS_DIR.to_owned()),
+            source,
+        })?;
+        let mut swept = 0;
+        for id in ids.iter().filter(|id| !self.refs.contains(id)) {
+            self.chunks
+                .remove(id)
+                .map_err(|source| StoreError::Chunks {
+                    id: CheckpointId(CHUNKS_DIR.to_owned()),
+                    source,
+                })?;
+            swept += 1;
+        }
+        for p in &stray {
+            let _ = fs::remove_file(p);
+        }
+        if swept > 0 || !stray.is_empty() {
+            tracing::info!(swept, stray = stray.len(), "unreferenced chunks removed");
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -306,9 +473,49 @@ impl Store {
         self.config.root.join(id.as_str())
     }
 
-    /// Bytes of live images.
+    /// Bytes on disk: unique chunks, the other files of live checkpoints, and hot
+    /// copies (what the budget limits).
     pub fn total_bytes(&self) -> u64 {
-        self.index.entries.iter().map(|e| e.size_bytes).sum()
+        self.stored_bytes() + self.hot_bytes()
+    }
+
+    /// [`Store::total_bytes`] without hot copies: what keeping every live checkpoint
+    /// restorable takes.
+    pub fn stored_bytes(&self) -> u64 {
+        let own: u64 = self
+            .index
+            .entries
+            .iter()
+            .map(|e| if e.chunked { e.own_bytes } else { e.size_bytes })
+            .sum();
+        own + self.refs.unique_bytes()
+    }
+
+    /// Bytes of hot copies of memory images.
+    pub fn hot_bytes(&self) -> u64 {
+        self.index
+            .entries
+            .iter()
+            .filter(|e| e.hot)
+            .map(|e| e.pages_bytes)
+            .sum()
+    }
+
+    /// What evicting `id` would free now: its own files, its hot copy, and the chunks
+    /// only it references.
+    pub fn marginal_bytes(&self, id: &CheckpointId) -> u64 {
+        let Some(e) = self.get(id) else { return 0 };
+        match self.manifests.get(id) {
+            Some(m) if e.chunked => {
+                e.own_bytes + if e.hot { e.pages_bytes } else { 0 } + self.refs.marginal_bytes(m)
+            }
+            _ => e.size_bytes,
+        }
+    }
+
+    /// The chunk store.
+    pub fn chunk_store(&self) -> &ChunkStore {
+        &self.chunks
     }
 
     /// Allocates an id and creates its empty images directory, for a dump.
@@ -325,18 +532,38 @@ impl Store {
 
     /// Records the outcome of the dump into `id`'s directory. A failed dump's
     /// directory is removed (its logs were read by the caller).
+    ///
+    /// With dedup, a successful dump's memory images go into the chunk store (the
+    /// store measures the sizes itself; `outcome.size_bytes` is ignored) and stay as a
+    /// hot copy if [`StoreConfig::hot_copies`] allows; the statistics of that are
+    /// returned. Incremental dumps (with parent images) are kept as they are. If
+    /// storing the images fails, the checkpoint is recorded as failed and the error
+    /// returned.
     #[tracing::instrument(skip_all, fields(checkpoint = %id, cell = %key.cell))]
     pub fn record(
         &mut self,
         id: CheckpointId,
         key: CheckpointKey,
         outcome: Outcome,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<IngestStats>, StoreError> {
+        let dir = self.dir(&id);
+        let mut outcome = outcome;
+        let mut ingest = None;
+        let mut ingest_err = None;
+        if outcome.status == Status::Ok && self.config.dedup && outcome.parent_images.is_none() {
+            match self.chunks.ingest_dir(&dir) {
+                Ok((manifest, stats)) => ingest = Some((manifest, stats)),
+                Err(e) => {
+                    outcome.status = Status::Failed(format!("storing the images failed: {e}"));
+                    ingest_err = Some(e);
+                }
+            }
+        }
         if outcome.status != Status::Ok {
-            remove_dir_if_exists(&self.dir(&id))?;
+            remove_dir_if_exists(&dir)?;
         }
         self.index.clock += 1;
-        let entry = Entry {
+        let mut entry = Entry {
             id,
             key,
             size_bytes: if outcome.status == Status::Ok {
@@ -349,16 +576,138 @@ impl Store {
             created_unix_ms: now_unix_ms(),
             parent_images: outcome.parent_images,
             last_used: self.index.clock,
+            chunked: false,
+            hot: false,
+            own_bytes: 0,
+            pages_bytes: 0,
         };
+        let mut stats = None;
+        if let Some((manifest, st)) = ingest {
+            entry.chunked = true;
+            entry.hot = true;
+            entry.pages_bytes = manifest.logical_bytes();
+            entry.own_bytes = unchunked_bytes(&dir)?;
+            entry.size_bytes = entry.pages_bytes + entry.own_bytes;
+            self.refs.add(&manifest);
+            self.manifests.insert(entry.id.clone(), manifest);
+            stats = Some(st);
+        }
         tracing::info!(
             size_bytes = entry.size_bytes,
             duration_ms = entry.duration_ms,
             status = ?entry.status,
+            new_chunk_bytes = stats.as_ref().map(|s| s.new_bytes),
             "checkpoint recorded"
         );
+        let id = entry.id.clone();
         self.index.entries.retain(|e| e.id != entry.id);
         self.index.entries.push(entry);
-        self.save()
+        self.limit_hot(self.config.hot_copies, None)?;
+        self.save()?;
+        match ingest_err {
+            Some(source) => Err(StoreError::Chunks { id, source }),
+            None => Ok(stats),
+        }
+    }
+
+    /// A restorable images directory of `id`: its hot copy, or its memory images
+    /// rebuilt from the chunk store into its directory (which then becomes hot, and
+    /// stays so at least until the next [`Store::record`] or [`Store::images`], so
+    /// that a lazy restore can read it). Marks it used.
+    #[tracing::instrument(skip_all, fields(checkpoint = %id))]
+    pub fn images(&mut self, id: &CheckpointId) -> Result<Images, StoreError> {
+        let dir = self.dir(id);
+        let entry = self
+            .get(id)
+            .ok_or_else(|| StoreError::Unknown { id: id.clone() })?;
+        if !entry.usable() {
+            return Err(StoreError::NotUsable {
+                id: id.clone(),
+                status: entry.status.clone(),
+            });
+        }
+        let mut materialised = None;
+        if entry.chunked && !entry.hot {
+            let manifest = self
+                .manifests
+                .get(id)
+                .ok_or_else(|| StoreError::Unknown { id: id.clone() })?;
+            let stats =
+                self.chunks
+                    .materialise(manifest, &dir)
+                    .map_err(|source| StoreError::Chunks {
+                        id: id.clone(),
+                        source,
+                    })?;
+            tracing::info!(
+                bytes = stats.bytes,
+                duration_ms = stats.duration.as_millis() as u64,
+                "checkpoint images materialised"
+            );
+            materialised = Some(stats);
+        }
+        self.index.clock += 1;
+        let clock = self.index.clock;
+        let entry = self.entry_mut(id)?;
+        entry.last_used = clock;
+        entry.hot = entry.chunked;
+        self.limit_hot(self.config.hot_copies.max(1), Some(id))?;
+        self.save()?;
+        Ok(Images { dir, materialised })
+    }
+
+    /// Drops the hot copies beyond the `limit` most recently used, never `keep`.
+    fn limit_hot(&mut self, limit: usize, keep: Option<&CheckpointId>) -> Result<(), StoreError> {
+        let mut hot: Vec<(u64, CheckpointId)> = self
+            .index
+            .entries
+            .iter()
+            .filter(|e| e.hot)
+            .map(|e| (e.last_used, e.id.clone()))
+            .collect();
+        hot.sort_by(|a, b| b.cmp(a));
+        let mut kept = 0;
+        for (_, id) in hot {
+            if Some(&id) == keep || kept < limit {
+                kept += 1;
+                continue;
+            }
+            self.demote(&id)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the hot copy of `id` (its chunks stay).
+    fn demote(&mut self, id: &CheckpointId) -> Result<(), StoreError> {
+        let dir = self.dir(id);
+        if let Some(m) = self.manifests.get(id) {
+            for f in &m.files {
+                let p = dir.join(&f.name);
+                match fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("remove", &p)(e)),
+                }
+            }
+        }
+        self.entry_mut(id)?.hot = false;
+        tracing::debug!(checkpoint = %id, "hot copy dropped");
+        Ok(())
+    }
+
+    /// Forgets `id`'s chunk references and removes the chunks nobody else uses.
+    fn release_chunks(&mut self, id: &CheckpointId) -> Result<(), StoreError> {
+        if let Some(m) = self.manifests.remove(id) {
+            for (chunk, _) in self.refs.remove(&m) {
+                self.chunks
+                    .remove(&chunk)
+                    .map_err(|source| StoreError::Chunks {
+                        id: id.clone(),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// Marks `id` as used (restored), for LRU eviction.
@@ -381,7 +730,10 @@ impl Store {
         let entry = self.entry_mut(id)?;
         entry.status = Status::NotRestorable(reason.into());
         entry.size_bytes = 0;
+        entry.hot = false;
+        entry.own_bytes = 0;
         remove_dir_if_exists(&dir)?;
+        self.release_chunks(id)?;
         self.save()
     }
 
@@ -413,15 +765,39 @@ impl Store {
         {
             protected.insert(latest.id.clone());
         }
-        let victims = plan_eviction(&self.index.entries, self.config.budget_bytes, &protected);
+        // Hot copies other than the most recently used one go first: they are caches.
+        if self.total_bytes() > self.config.budget_bytes {
+            self.limit_hot(1, None)?;
+        }
+        let mut sim = self.refs.clone();
+        let manifests = &self.manifests;
+        let victims = plan(
+            &self.index.entries,
+            self.config.budget_bytes,
+            &protected,
+            self.total_bytes(),
+            |e| match manifests.get(&e.id) {
+                Some(m) if e.chunked => {
+                    let chunks: u64 = sim.remove(m).iter().map(|(_, s)| u64::from(*s)).sum();
+                    e.own_bytes + if e.hot { e.pages_bytes } else { 0 } + chunks
+                }
+                _ => e.size_bytes,
+            },
+        );
         for id in &victims {
             remove_dir_if_exists(&self.dir(id))?;
+            self.release_chunks(id)?;
             let entry = self.entry_mut(id)?;
             entry.status = Status::Evicted;
             entry.size_bytes = 0;
+            entry.hot = false;
+            entry.own_bytes = 0;
             tracing::info!(checkpoint = %id, "checkpoint evicted");
         }
         prune_tombstones(&mut self.index.entries);
+        if self.total_bytes() > self.config.budget_bytes {
+            self.limit_hot(0, None)?;
+        }
         if self.total_bytes() > self.config.budget_bytes {
             tracing::warn!(
                 total_bytes = self.total_bytes(),
@@ -455,6 +831,22 @@ impl Store {
         f.sync_all().map_err(io_err("fsync", &tmp))?;
         fs::rename(&tmp, &path).map_err(io_err("rename", &path))
     }
+}
+
+/// Bytes of the regular files of `dir` that are not chunked.
+fn unchunked_bytes(dir: &Path) -> Result<u64, StoreError> {
+    let mut total = 0;
+    for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let entry = entry.map_err(io_err("list", dir))?;
+        if is_chunked_file(&entry.file_name().to_string_lossy()) {
+            continue;
+        }
+        let meta = entry.metadata().map_err(io_err("stat", &entry.path()))?;
+        if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
 }
 
 fn remove_dir_if_exists(dir: &Path) -> Result<(), StoreError> {
@@ -527,12 +919,25 @@ pub fn nearest(
 
 /// Which entries to evict so that live images fit `budget`: least recently used
 /// first, skipping `protected` ones and parents of live incremental dumps.
+/// Each entry's `size_bytes` counts in full (no shared chunks).
 pub fn plan_eviction(
     entries: &[Entry],
     budget: u64,
     protected: &BTreeSet<CheckpointId>,
 ) -> Vec<CheckpointId> {
-    let mut total: u64 = entries.iter().map(|e| e.size_bytes).sum();
+    let total = entries.iter().map(|e| e.size_bytes).sum();
+    plan(entries, budget, protected, total, |e| e.size_bytes)
+}
+
+/// [`plan_eviction`] for a store whose bytes on disk are `total` and where evicting
+/// an entry frees `free(entry)` given the entries evicted before it.
+fn plan(
+    entries: &[Entry],
+    budget: u64,
+    protected: &BTreeSet<CheckpointId>,
+    mut total: u64,
+    mut free: impl FnMut(&Entry) -> u64,
+) -> Vec<CheckpointId> {
     let mut needed_by: BTreeMap<&CheckpointId, usize> = BTreeMap::new();
     for e in entries.iter().filter(|e| e.size_bytes > 0) {
         if let Some(p) = &e.parent_images {
@@ -555,7 +960,7 @@ pub fn plan_eviction(
             if victims.contains(&e.id) || needed_by.get(&e.id).is_some_and(|n| *n > 0) {
                 continue;
             }
-            total -= e.size_bytes;
+            total = total.saturating_sub(free(e));
             victims.push(e.id.clone());
             if let Some(p) = &e.parent_images
                 && let Some(n) = needed_by.get_mut(p)
@@ -625,7 +1030,7 @@ mod tests {
     }
 
     fn store(dir: &Path, budget: u64) -> Store {
-        Store::open(StoreConfig::new(dir, budget)).unwrap()
+        Store::open(StoreConfig::new(dir, budget).without_dedup()).unwrap()
     }
 
     #[test]
@@ -708,7 +1113,7 @@ mod tests {
 
         // The notebook moved on: only c (latest) is protected now, a and b go,
         // LRU first, until the budget holds.
-        let mut s2 = Store::open(StoreConfig::new(tmp.path(), 10)).unwrap();
+        let mut s2 = store(tmp.path(), 10);
         let evicted = s2.evict("nb", &cells(&[("z", "1")])).unwrap();
         assert_eq!(evicted, vec![a.clone(), b.clone()]);
         // a and b stay as tombstones: c descends from them.
@@ -729,6 +1134,10 @@ mod tests {
             created_unix_ms: id,
             parent_images: parent.map(CheckpointId::from_number),
             last_used: used,
+            chunked: false,
+            hot: false,
+            own_bytes: 0,
+            pages_bytes: 0,
         };
         // 1 is the oldest but 2 needs it; 2 goes first, then 1.
         let entries = vec![e(1, 10, 1, None), e(2, 5, 2, Some(1)), e(3, 10, 3, None)];
@@ -764,5 +1173,146 @@ mod tests {
         fs::write(tmp.path().join(INDEX_FILE), b"{not json").unwrap();
         let e = Store::open(StoreConfig::new(tmp.path(), 100)).unwrap_err();
         assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    }
+
+    /// Pseudo-random bytes (xorshift), deterministic per seed.
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Records a fake dump whose memory image is `pages`.
+    fn add_dump(s: &mut Store, cell: &str, pages: &[u8]) -> CheckpointId {
+        let (id, dir) = s.allocate().unwrap();
+        fs::write(dir.join("pages-1.img"), pages).unwrap();
+        fs::write(dir.join("core-1.img"), b"core").unwrap();
+        let st = s
+            .record(
+                id.clone(),
+                key(cell, "1", None),
+                Outcome::ok(0, Duration::from_millis(5)),
+            )
+            .unwrap()
+            .expect("ingested");
+        assert_eq!(st.logical_bytes, pages.len() as u64);
+        id
+    }
+
+    const P: usize = crate::chunks::PAGE;
+
+    #[test]
+    fn dedup_counts_unique_bytes_and_frees_unique_chunks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig::new(tmp.path(), u64::MAX).with_chunking(Chunking::fixed(4 * P));
+        let mut s = Store::open(cfg.clone()).unwrap();
+        // Ten versions of 1 MiB, each changing one page of the previous.
+        let mut pages = random(256 * P, 7);
+        let mut ids = Vec::new();
+        let mut versions = Vec::new();
+        for i in 0..10 {
+            pages[(i * 25 + 3) * P] ^= 0x5a;
+            versions.push(pages.clone());
+            ids.push(add_dump(&mut s, &format!("c{i}"), &pages));
+        }
+        let one = pages.len() as u64;
+        // 1 MiB + 9 changed chunks of 16 KiB, plus small files; one hot copy.
+        let own: u64 = s.entries().iter().map(|e| e.own_bytes).sum();
+        let unique = s.stored_bytes() - own;
+        assert!(unique <= one + 10 * 4 * P as u64, "{unique}");
+        assert_eq!(s.hot_bytes(), one);
+        assert!(s.get(&ids[9]).unwrap().hot && !s.get(&ids[0]).unwrap().hot);
+        assert!(!s.dir(&ids[0]).join("pages-1.img").exists());
+        // Marginal: only the changed chunk (and its own files) is the first's alone.
+        let own = s.get(&ids[0]).unwrap().own_bytes;
+        assert_eq!(s.marginal_bytes(&ids[0]), own + 4 * P as u64);
+
+        // Rebuilding an old one gives back its bytes; it becomes the hot one.
+        let img = s.images(&ids[0]).unwrap();
+        assert!(img.materialised.is_some());
+        assert_eq!(fs::read(img.dir.join("pages-1.img")).unwrap(), versions[0]);
+        assert!(fs::read(img.dir.join("core-1.img")).is_ok());
+        assert!(!s.get(&ids[9]).unwrap().hot);
+        let again = s.images(&ids[0]).unwrap();
+        assert!(again.materialised.is_none(), "hot: no copy");
+        let last = s.images(&ids[9]).unwrap();
+        assert_eq!(fs::read(last.dir.join("pages-1.img")).unwrap(), versions[9]);
+
+        // Reopening recounts from the manifests.
+        let (stored, total) = (s.stored_bytes(), s.total_bytes());
+        drop(s);
+        let mut s = Store::open(cfg).unwrap();
+        assert_eq!((s.stored_bytes(), s.total_bytes()), (stored, total));
+
+        // Evicting down to a budget frees exactly the unique chunks of the victims.
+        let chunks_before = s.chunk_store().list().unwrap().0.len();
+        s.config.budget_bytes = s.total_bytes() - 3 * 4 * P as u64;
+        let evicted = s.evict("nb", &[]).unwrap();
+        assert!(!evicted.is_empty(), "something went");
+        assert!(s.total_bytes() <= s.config.budget_bytes);
+        let chunks_after = s.chunk_store().list().unwrap().0.len();
+        assert_eq!(
+            chunks_before - chunks_after,
+            evicted.len(),
+            "one unique chunk each"
+        );
+        // The rest still restore to their bytes.
+        for (i, id) in ids.iter().enumerate() {
+            if evicted.contains(id) {
+                assert!(matches!(
+                    s.images(id),
+                    Err(StoreError::NotUsable { .. }) | Err(StoreError::Unknown { .. })
+                ));
+                continue;
+            }
+            let img = s.images(id).unwrap();
+            assert_eq!(
+                fs::read(img.dir.join("pages-1.img")).unwrap(),
+                versions[i],
+                "{id}"
+            );
+        }
+        // Evicting all but the latest leaves its chunks only.
+        s.config.budget_bytes = 0;
+        s.evict("nb", &[]).unwrap();
+        let latest = s.entries().iter().filter(|e| e.usable()).count();
+        assert_eq!(latest, 1);
+        assert_eq!(s.chunk_store().list().unwrap().0.len(), 256 / 4);
+        assert_eq!(s.hot_bytes(), 0, "over budget: hot copies go too");
+    }
+
+    #[test]
+    fn unreferenced_chunks_are_swept_on_open_and_damage_is_contained() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig::new(tmp.path(), u64::MAX).with_hot_copies(0);
+        let mut s = Store::open(cfg.clone()).unwrap();
+        let a = add_dump(&mut s, "a", &random(64 * P, 1));
+        let b = add_dump(&mut s, "b", &random(64 * P, 2));
+        assert_eq!(s.hot_bytes(), 0, "no hot copies");
+        let n = s.chunk_store().list().unwrap().0.len();
+        // A crash after writing chunks but before the index: they are orphans.
+        s.chunk_store().put(&random(P, 3)).unwrap();
+        // A damaged manifest: that checkpoint is given up, not the store.
+        fs::write(s.dir(&b).join(crate::chunks::MANIFEST_FILE), b"{").unwrap();
+        drop(s);
+        let mut s = Store::open(cfg).unwrap();
+        assert!(matches!(
+            s.get(&b).unwrap().status,
+            Status::NotRestorable(_)
+        ));
+        assert!(s.get(&a).unwrap().usable());
+        assert!(s.chunk_store().list().unwrap().0.len() < n);
+        let img = s.images(&a).unwrap();
+        assert_eq!(
+            fs::read(img.dir.join("pages-1.img")).unwrap(),
+            random(64 * P, 1)
+        );
     }
 }

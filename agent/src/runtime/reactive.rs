@@ -455,7 +455,12 @@ impl Checkpointer {
     pub async fn restore(&mut self, id: &CheckpointId) -> Result<(i32, Duration), ReactiveError> {
         self.check_files(id).map_err(ReactiveError::Unsafe)?;
         let criu = self.criu.clone();
-        let dir = self.store.dir(id);
+        // Deduplicated images are rebuilt (unless this is the hot checkpoint).
+        let images = self.store.images(id)?;
+        if let Some(m) = &images.materialised {
+            debug!(checkpoint = %id, stats = ?m, "images rebuilt from chunks");
+        }
+        let dir = images.dir;
         let run_as = self.run_as;
         let stats = tokio::task::spawn_blocking(move || {
             // The kernel is gone: nothing of the notebook user runs while CRIU (as that
@@ -478,9 +483,6 @@ impl Checkpointer {
             r
         })
         .await??;
-        if let Err(e) = self.store.touch(id) {
-            debug!(error = %e, "cannot mark the checkpoint used");
-        }
         Ok((stats.pid, stats.duration))
     }
 }
