@@ -44,20 +44,22 @@ pub struct CriuConfig {
     pub binary: PathBuf,
     /// CRIU's log level, 0-4 (default 4: the log tail is only useful when verbose).
     pub log_level: i32,
-    /// Run dumps and restores as this user instead of root, in CRIU's unprivileged
-    /// mode (see [`RunAs`]).
+    /// Run dumps as this user instead of root, in CRIU's unprivileged mode (see
+    /// [`RunAs`]).
     pub run_as: Option<RunAs>,
 }
 
-/// Who `criu swrk` runs as for dumps and restores.
+/// Who `criu swrk` runs as for dumps (restores always run as root).
 ///
 /// CRIU reads and sets every dumped task's resource limits with `prlimit`, which the
 /// kernel allows between different users only with CAP_SYS_RESOURCE; hosts (and
 /// containers) without it cannot checkpoint a kernel that runs as the notebook user
 /// from a root CRIU. Running CRIU as that same user, with only the capabilities its
-/// unprivileged mode needs (CHECKPOINT_RESTORE, SYS_PTRACE, SYS_ADMIN for the
-/// namespace's procfs, SETPCAP to restore the bounding set) as ambient capabilities,
-/// works without CAP_SYS_RESOURCE. The worker is started through util-linux
+/// unprivileged mode needs as ambient capabilities (CHECKPOINT_RESTORE, SYS_PTRACE;
+/// SYS_ADMIN for the namespace's procfs; SETPCAP, SETUID and SETGID to restore the
+/// bounding set and credentials; DAC_OVERRIDE and DAC_READ_SEARCH because the restored
+/// root task works as uid 0 until its credentials are restored), works without
+/// CAP_SYS_RESOURCE. The worker is started through util-linux
 /// `setpriv`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunAs {
@@ -509,13 +511,19 @@ impl Criu {
     ) -> Result<rpc::Criu_resp, CriuError> {
         let stderr_path = images_dir.join(format!("{log_file}.stderr"));
         let stderr = File::create(&stderr_path).map_err(io_err("create", &stderr_path))?;
+        // Only dumps need the kernel's uid (prlimit); restores need real root (CRIU's
+        // restorer sets the tasks' credentials the way only root can).
+        let run_as = match ty {
+            rpc::Criu_req_type::DUMP => self.config.run_as,
+            _ => None,
+        };
         let mut opts = opts;
-        if self.config.run_as.is_some() {
+        if run_as.is_some() {
             opts.set_unprivileged(true);
         }
         let result = swrk::call_as(
             &self.config.binary,
-            self.config.run_as,
+            run_as,
             ty,
             Some(opts),
             None,

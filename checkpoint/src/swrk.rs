@@ -38,7 +38,7 @@ pub(crate) fn call(
 }
 
 /// The capabilities an unprivileged CRIU worker keeps (see [`crate::RunAs`]).
-const UNPRIVILEGED_CAPS: &str = "+checkpoint_restore,+sys_ptrace,+sys_admin,+setpcap";
+const UNPRIVILEGED_CAPS: &str = "+checkpoint_restore,+sys_ptrace,+sys_admin,+setpcap,+setuid,+setgid,+dac_override,+dac_read_search,+net_admin,+fowner,+chown";
 
 /// [`call`], with the worker running as `run_as` (through `setpriv`) when given.
 pub(crate) fn call_as(

@@ -384,6 +384,21 @@ pub struct LaunchFileError {
     source: std::io::Error,
 }
 
+/// ipykernel's history database is a file the kernel keeps open and grows: a
+/// checkpoint of such a kernel could never be restored. Kernels started from an
+/// ipykernel kernelspec run without it (the other option is to keep history per cell).
+fn ipykernel_argv(mut argv: Vec<String>) -> Vec<String> {
+    let is_ipykernel = argv.iter().any(|a| a.contains("ipykernel"));
+    if is_ipykernel
+        && !argv
+            .iter()
+            .any(|a| a.starts_with("--HistoryManager.enabled"))
+    {
+        argv.push("--HistoryManager.enabled=False".into());
+    }
+    argv
+}
+
 /// Creates `dir` mode 0711: the kernel user may pass through it to its own
 /// per-kernel directory, but not list it.
 fn ensure_traversable(dir: &Path) -> std::io::Result<()> {
@@ -925,7 +940,7 @@ impl Runtime {
         .build(std::env::vars(), &user, &spec.env);
         let mut launch_cfg = LaunchConfig::new(
             spec.name.clone(),
-            spec.argv_for(&conn_file),
+            ipykernel_argv(spec.argv_for(&conn_file)),
             env,
             user.clone(),
             log.clone(),

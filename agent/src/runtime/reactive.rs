@@ -255,11 +255,11 @@ impl Checkpointer {
     /// Opens the store under `root` and checks CRIU. `Err` says why reactive mode
     /// falls back to re-execution.
     ///
-    /// With `run_as` (the notebook user, when the agent is root), dumps and restores
-    /// run as that user in CRIU's unprivileged mode (see [`RunAs`]); a checkpoint's
-    /// directory belongs to that user only while CRIU works in it, and to root
-    /// (readable by the user's group) otherwise, so the kernel cannot alter an image
-    /// it will be restored from.
+    /// With `run_as` (the notebook user, when the agent is root), dumps run as that
+    /// user in CRIU's unprivileged mode (see [`RunAs`]); a checkpoint's directory
+    /// belongs to that user only while CRIU dumps into it, and to root (readable by
+    /// the user's group) otherwise, so the kernel cannot alter an image it will be
+    /// restored from. Restores run as root.
     pub fn open(
         criu_binary: &Path,
         root: &Path,
@@ -461,28 +461,9 @@ impl Checkpointer {
             debug!(checkpoint = %id, stats = ?m, "images rebuilt from chunks");
         }
         let dir = images.dir;
-        let run_as = self.run_as;
-        let stats = tokio::task::spawn_blocking(move || {
-            // The kernel is gone: nothing of the notebook user runs while CRIU (as that
-            // user) writes its restore log here.
-            if let Some(u) = run_as {
-                own_tree(&dir, u.uid, u.gid, 0o700, 0o600).map_err(|source| {
-                    nbagent_checkpoint::CriuError::Io {
-                        op: "hand over to the notebook user",
-                        path: dir.clone(),
-                        source,
-                    }
-                })?;
-            }
-            let r = criu.restore(&dir, &RestoreOptions::default());
-            if let Some(u) = run_as
-                && let Err(e) = own_tree(&dir, 0, u.gid, 0o750, 0o640)
-            {
-                warn!(dir = %dir.display(), error = %e, "cannot take back the checkpoint directory");
-            }
-            r
-        })
-        .await??;
+        let stats =
+            tokio::task::spawn_blocking(move || criu.restore(&dir, &RestoreOptions::default()))
+                .await??;
         Ok((stats.pid, stats.duration))
     }
 }
