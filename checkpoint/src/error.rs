@@ -107,6 +107,12 @@ pub enum CriuError {
     /// `criu swrk` closed the connection without answering.
     #[error("criu swrk exited without answering")]
     WorkerGone,
+    /// `criu swrk` did not answer in time and was killed.
+    #[error("criu swrk did not answer within {after:?} and was killed")]
+    Timeout {
+        /// The limit.
+        after: std::time::Duration,
+    },
     /// A file operation failed.
     #[error("checkpoint i/o failed: {op} {path}")]
     Io {

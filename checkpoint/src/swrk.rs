@@ -37,6 +37,9 @@ pub(crate) fn call(
     call_as(binary, None, req_type, opts, features, stderr)
 }
 
+/// Longest a CRIU request may take (a 2 GB dump takes about 1.5 s here).
+pub(crate) const RPC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
 /// The capabilities an unprivileged CRIU worker keeps (see [`crate::RunAs`]).
 const UNPRIVILEGED_CAPS: &str = "+checkpoint_restore,+sys_ptrace,+sys_admin,+setpcap,+setuid,+setgid,+dac_override,+dac_read_search,+net_admin,+fowner,+chown";
 
@@ -87,7 +90,25 @@ pub(crate) fn call_as(
     // shows up as end of file on our end.
     drop(cmd);
 
-    let result = exchange(&ours, req_type, opts, features);
+    // A worker that neither answers nor exits (a restore stuck on tasks that hit a
+    // BUG) must not hang the agent: give up after RPC_TIMEOUT and kill it.
+    if let Err(e) = nix::sys::socket::setsockopt(
+        &ours,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(RPC_TIMEOUT.as_secs() as i64, 0),
+    ) {
+        tracing::warn!(error = %e, "cannot set a timeout on the criu socket");
+    }
+    let mut result = exchange(&ours, req_type, opts, features);
+    if let Err(CriuError::Socket { source }) = &result
+        && matches!(source, nix::errno::Errno::EAGAIN)
+    {
+        tracing::warn!(timeout_secs = RPC_TIMEOUT.as_secs(), "criu swrk did not answer; killing it");
+        let _ = child.kill();
+        result = Err(CriuError::Timeout {
+            after: RPC_TIMEOUT,
+        });
+    }
     drop(ours);
     // The worker exits after answering (or after the socket closes).
     let status = child.wait();
