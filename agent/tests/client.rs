@@ -462,9 +462,12 @@ async fn shutdown_request_stops_the_kernel() {
         .shutdown_request(false)
         .await
         .expect("shutdown_request");
+    // Generous: on a loaded 2-core machine (the whole suite runs kernels and CRIU
+    // dumps side by side) ipykernel's orderly exit has been seen to take over 10 s.
     assert!(
-        kernel.wait_exit(Duration::from_secs(10)),
-        "kernel still runs"
+        kernel.wait_exit(Duration::from_secs(30)),
+        "kernel still runs 30 s after shutdown_request; its log:\n{}",
+        kernel.log()
     );
 }
 
