@@ -103,11 +103,12 @@ pub(crate) fn call_as(
     if let Err(CriuError::Socket { source }) = &result
         && matches!(source, nix::errno::Errno::EAGAIN)
     {
-        tracing::warn!(timeout_secs = RPC_TIMEOUT.as_secs(), "criu swrk did not answer; killing it");
+        tracing::warn!(
+            timeout_secs = RPC_TIMEOUT.as_secs(),
+            "criu swrk did not answer; killing it"
+        );
         let _ = child.kill();
-        result = Err(CriuError::Timeout {
-            after: RPC_TIMEOUT,
-        });
+        result = Err(CriuError::Timeout { after: RPC_TIMEOUT });
     }
     drop(ours);
     // The worker exits after answering (or after the socket closes).
