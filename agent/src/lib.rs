@@ -145,6 +145,7 @@ pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
             .clone()
             .unwrap_or_else(|| args.runtime_dir.join("checkpoints")),
         checkpoint_budget: args.checkpoint_budget_mb.saturating_mul(1 << 20),
+        lazy_restore: args.lazy_restore,
     }
 }
 

@@ -567,8 +567,10 @@ fn as_pid1_sigterm_from_the_parent_namespace_stops_in_order() {
 
 #[test]
 fn other_signals_are_forwarded_to_the_agent() {
+    // Every forwarded signal interrupts `wait` and leaves another `sleep` behind; a
+    // short deadline bounds the teardown of stragglers on a loaded machine.
     let mut sup = Sup::start(
-        &[],
+        &["--shutdown-deadline-secs", "3"],
         r#"for s in HUP INT QUIT USR1 USR2; do trap "echo $s >> \$S/got" $s; done
            trap 'exit 0' TERM
            touch $S/ready

@@ -88,6 +88,8 @@ pub struct RuntimeConfig {
     pub checkpoint_dir: PathBuf,
     /// Most bytes of checkpoint images kept.
     pub checkpoint_budget: u64,
+    /// Restore lazily where userfaultfd allows it.
+    pub lazy_restore: bool,
 }
 
 /// How the runtime ended.
@@ -509,8 +511,9 @@ impl Runtime {
         } else {
             None
         };
+        let lazy = self.cfg.lazy_restore;
         let opened = tokio::task::spawn_blocking(move || {
-            reactive::Checkpointer::open(&criu, &dir, budget, &proc_root, run_as)
+            reactive::Checkpointer::open(&criu, &dir, budget, &proc_root, run_as, lazy)
         })
         .await;
         match opened {

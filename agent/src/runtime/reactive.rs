@@ -231,6 +231,10 @@ pub struct Checkpointer {
     notebook: String,
     proc_root: PathBuf,
     run_as: Option<RunAs>,
+    /// Restore lazily (memory served on demand by a `criu lazy-pages` daemon).
+    lazy: bool,
+    /// The daemon of the last lazy restore, until it has served every page.
+    lazy_daemon: Option<nbagent_checkpoint::LazyPages>,
 }
 
 /// Gives `dir` and everything in it to `uid:gid` with the given modes.
@@ -266,6 +270,7 @@ impl Checkpointer {
         budget_bytes: u64,
         proc_root: &Path,
         run_as: Option<RunAs>,
+        lazy: bool,
     ) -> Result<Self, ReactiveError> {
         let mut config = CriuConfig::with_binary(criu_binary);
         config.run_as = run_as;
@@ -287,12 +292,15 @@ impl Checkpointer {
                 },
             )?;
         }
+        let lazy = lazy && probe.lazy_pages;
         Ok(Self {
             criu: std::sync::Arc::new(criu),
             store,
             notebook: DEFAULT_NOTEBOOK.into(),
             proc_root: proc_root.to_owned(),
             run_as,
+            lazy,
+            lazy_daemon: None,
         })
     }
 
@@ -339,6 +347,7 @@ impl Checkpointer {
         notebook_cells: &[(String, String)],
     ) -> Result<Taken, ReactiveError> {
         let begun = Instant::now();
+        self.finish_lazy().await;
         let pids = nbagent_checkpoint::descendants(pid);
         let found = inspect(&self.proc_root, &pids, own_ports);
         let (id, dir) = self.store.allocate()?;
@@ -450,6 +459,19 @@ impl Checkpointer {
         }
     }
 
+    /// Waits until the lazy-pages daemon of the last restore has served every page:
+    /// the kernel must not be dumped, nor its images dropped, before that.
+    async fn finish_lazy(&mut self) {
+        if let Some(mut d) = self.lazy_daemon.take() {
+            let done = tokio::task::spawn_blocking(move || d.wait(Duration::from_secs(120)))
+                .await
+                .unwrap_or(false);
+            if !done {
+                warn!("the lazy-pages daemon did not finish within 120 s");
+            }
+        }
+    }
+
     /// Restores checkpoint `id` (the live kernel must be gone); returns the pid of the
     /// restored init, a child of this process.
     pub async fn restore(&mut self, id: &CheckpointId) -> Result<(i32, Duration), ReactiveError> {
@@ -461,9 +483,15 @@ impl Checkpointer {
             debug!(checkpoint = %id, stats = ?m, "images rebuilt from chunks");
         }
         let dir = images.dir;
-        let stats =
-            tokio::task::spawn_blocking(move || criu.restore(&dir, &RestoreOptions::default()))
-                .await??;
+        self.finish_lazy().await;
+        let lazy = self.lazy;
+        let mut stats = tokio::task::spawn_blocking(move || {
+            let mut opts = RestoreOptions::default();
+            opts.lazy_pages = lazy;
+            criu.restore(&dir, &opts)
+        })
+        .await??;
+        self.lazy_daemon = stats.lazy_pages.take();
         Ok((stats.pid, stats.duration))
     }
 }
