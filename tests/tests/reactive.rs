@@ -532,7 +532,9 @@ async fn a_file_grown_after_its_checkpoint_is_not_restored() {
     assert_eq!(
         restored.iter().map(|c| c.cell.as_str()).collect::<Vec<_>>(),
         ["f0"],
-        "expected the checkpoint before the open to be restored"
+        "expected the checkpoint before the open to be restored: {:?}\n--- log:\n{}",
+        &after[since..],
+        nb.log_tail()
     );
     assert_eq!(rerun.iter().map(index_of).collect::<Vec<_>>(), [1, 2, 3]);
 
