@@ -336,7 +336,7 @@ impl Checkpointer {
 
     /// Checkpoints the kernel tree rooted at `pid` (whose record is `kernel`) after
     /// `cell`, leaving it running.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)] // the cell's key plus the kernel's identity
     pub async fn take(
         &mut self,
         pid: i32,
