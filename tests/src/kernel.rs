@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nbagent::runtime::KernelRecord;
 use nbagent::runtime::record::proc_stat;
-use nbagent_protocol::{Envelope, Message};
+use nbagent_protocol::{CellSource, CheckpointEvent, Envelope, Feature, Message};
 use nbserver::run::{self, CellResult};
 use nbserver::store::StoredMessage;
 
@@ -41,6 +41,60 @@ pub fn missing_prerequisite() -> Option<String> {
     None
 }
 
+/// Where the reactive tests find CRIU.
+pub const CRIU: &str = nbagent::DEFAULT_CRIU;
+
+/// Why the checkpoint tests cannot run here, if they cannot: the kernel prerequisites
+/// ([`missing_prerequisite`]) plus CRIU >= 4.2 at [`CRIU`].
+pub fn missing_checkpoint_prerequisite() -> Option<String> {
+    if let Some(why) = missing_prerequisite() {
+        return Some(why);
+    }
+    let out = match Command::new(CRIU).arg("--version").output() {
+        Ok(o) => o,
+        Err(e) => {
+            return Some(format!(
+                "{CRIU} cannot run ({e}); scripts/criu.sh installs it"
+            ));
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))
+        .map(|v| {
+            v.trim()
+                .split('.')
+                .map(|n| n.parse::<u32>().unwrap_or(0))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    match version.as_slice() {
+        [major, minor, ..] if (*major, *minor) >= (4, 2) => None,
+        _ => Some(format!(
+            "{CRIU} is not CRIU >= 4.2 (it says {:?}); scripts/criu.sh installs it",
+            text.trim()
+        )),
+    }
+}
+
+/// One checkpoint event the agent reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointReport {
+    /// The cell after which the checkpoint was (to be) taken; empty for evictions.
+    pub cell: String,
+    /// The checkpoint id (empty when the store had none).
+    pub checkpoint: String,
+    /// What happened.
+    pub event: CheckpointEvent,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Why (failures, evictions).
+    pub reason: String,
+}
+
 /// How to start the stack.
 #[derive(Debug, Clone)]
 pub struct Setup {
@@ -50,6 +104,8 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     /// RUST_LOG for the agent and the supervisor.
     pub rust_log: String,
+    /// Extra arguments for the agent (after the ones the harness passes).
+    pub agent_args: Vec<String>,
 }
 
 impl Default for Setup {
@@ -58,6 +114,7 @@ impl Default for Setup {
             kernel_user: KERNEL_USER.into(),
             env: Vec::new(),
             rust_log: "info".into(),
+            agent_args: Vec::new(),
         }
     }
 }
@@ -134,6 +191,7 @@ impl Notebook {
             .arg("--server-ca")
             .arg(data_dir.join("pki").join("ca.crt"))
             .args(["--kernel", "python3"])
+            .args(&setup.agent_args)
             .env("NBAGENT_TOKEN", &token)
             .env("KERNEL_USERNAME", &setup.kernel_user)
             .env("NBAGENT_RUNTIME_DIR", &runtime_dir)
@@ -276,6 +334,91 @@ impl Notebook {
         }
     }
 
+    /// Runs `cells` as plain cells (`ExecuteCell`, run id `run`), 120 s limit.
+    pub async fn run_cells(&self, run: &str, cells: &[CellSource]) -> Vec<CellResult> {
+        run::run_cells(
+            &self.server.state,
+            &self.agent,
+            run,
+            cells,
+            Duration::from_secs(120),
+            |_| {},
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "run {run} did not finish: {e}\n--- log:\n{}",
+                self.log_tail()
+            )
+        })
+    }
+
+    /// Reactive re-run (`RunFrom`, run id `run`) of `cells` from `from`; the results
+    /// of the cells the agent executed, in order. 180 s limit.
+    pub async fn run_from(&self, run: &str, cells: &[CellSource], from: usize) -> Vec<CellResult> {
+        run::run_from(
+            &self.server.state,
+            &self.agent,
+            run,
+            cells,
+            from,
+            Duration::from_secs(180),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "run_from {run} (from {from}) did not finish: {e}\n--- log:\n{}",
+                self.log_tail()
+            )
+        })
+    }
+
+    /// Every checkpoint event stored so far, in order.
+    pub async fn checkpoints(&self) -> Vec<CheckpointReport> {
+        checkpoint_reports(&self.messages("checkpoint").await)
+    }
+
+    /// Waits until the agent reported what became of the checkpoint after cell `cell`
+    /// (created, not restorable or failed) among the checkpoint events after the
+    /// first `since`; returns that event.
+    pub async fn wait_checkpoint_of(&self, cell: &str, since: usize) -> CheckpointReport {
+        self.wait_for("checkpoint", Duration::from_secs(120), |m| {
+            checkpoint_reports(m).into_iter().skip(since).find(|c| {
+                c.cell == cell
+                    && matches!(
+                        c.event,
+                        CheckpointEvent::Created
+                            | CheckpointEvent::NotRestorable
+                            | CheckpointEvent::Failed
+                    )
+            })
+        })
+        .await
+    }
+
+    /// The features of the agent's last capability report (waits for one).
+    pub async fn capabilities(&self) -> Vec<Feature> {
+        self.wait_for("capabilities", Duration::from_secs(60), |m| {
+            m.iter().rev().find_map(|s| match &s.msg {
+                Message::Capabilities { features } => Some(features.clone()),
+                _ => None,
+            })
+        })
+        .await
+    }
+
+    /// The details of every `kernel_status` the agent reported.
+    pub async fn status_details(&self) -> Vec<String> {
+        self.messages("kernel_status")
+            .await
+            .into_iter()
+            .filter_map(|s| match s.msg {
+                Message::KernelStatus { detail, .. } => Some(detail),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Waits until the agent reported a kernel ready (a `kernel_status` idle whose detail
     /// says so, or an adoption).
     pub async fn wait_kernel_ready(&self, timeout: Duration) {
@@ -342,6 +485,30 @@ impl Drop for Notebook {
             );
         }
     }
+}
+
+/// The checkpoint events among `msgs`.
+pub fn checkpoint_reports(msgs: &[Stored]) -> Vec<CheckpointReport> {
+    msgs.iter()
+        .filter_map(|s| match &s.msg {
+            Message::Checkpoint {
+                cell,
+                checkpoint,
+                event,
+                bytes,
+                duration_ms,
+                reason,
+            } => Some(CheckpointReport {
+                cell: cell.clone(),
+                checkpoint: checkpoint.clone(),
+                event: *event,
+                bytes: *bytes,
+                duration_ms: *duration_ms,
+                reason: reason.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Now, Unix milliseconds.

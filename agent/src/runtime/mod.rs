@@ -549,7 +549,15 @@ impl Runtime {
             self.notebook.clone()
         };
         let taken = ck
-            .take(k.pid(), &k.ports(), &p.cell, &p.code, pred, &cells)
+            .take(
+                k.pid(),
+                &k.record,
+                &k.ports(),
+                &p.cell,
+                &p.code,
+                pred,
+                &cells,
+            )
             .await;
         let msg = match taken {
             Ok(t) => {
@@ -641,7 +649,7 @@ impl Runtime {
             return Err("no kernel to take the connection details from".into());
         };
         let mut record = old.record.clone();
-        let (record_path, log) = (old.record_path.clone(), old.log.clone());
+        let (record_path, mut log) = (old.record_path.clone(), old.log.clone());
         // The live tree must be gone: its listening ports are the restored kernel's.
         let mut old = old;
         signal(old.pid(), nix::sys::signal::Signal::SIGKILL);
@@ -650,6 +658,16 @@ impl Runtime {
         let Some(ck) = self.ckpt.as_mut() else {
             return Err("checkpoints are off".into());
         };
+        // The restored kernel listens where the dumped one did, with its key; the live
+        // kernel may be another one (a restart, or a fresh kernel started after a
+        // failed restore).
+        if let Some(dumped) = ck.kernel_record(id) {
+            record.connection = dumped.connection;
+            record.kernel_name = dumped.kernel_name;
+            record.interrupt_by_message = dumped.interrupt_by_message;
+            record.log = dumped.log;
+            log = record.log.clone();
+        }
         let restored = ck.restore(id).await;
         let (pid, criu_time) = match restored {
             Ok(r) => r,

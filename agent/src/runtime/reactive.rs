@@ -31,6 +31,12 @@ use tracing::{debug, info, warn};
 /// The file, in a checkpoint's directory, listing files the kernel held open.
 const OPEN_FILES: &str = "nbagent-open-files.json";
 
+/// The file, in a checkpoint's directory, holding the record of the kernel that was
+/// dumped: a restored kernel listens on that kernel's ports with its key, which are
+/// not those of the kernel running when it is restored (after a restart, or a failed
+/// restore that started a fresh kernel).
+const KERNEL_RECORD: &str = "nbagent-kernel.json";
+
 /// Notebook id used in the store when the server does not name one.
 pub const DEFAULT_NOTEBOOK: &str = "notebook";
 
@@ -336,10 +342,13 @@ impl Checkpointer {
         Ok(id)
     }
 
-    /// Checkpoints the kernel tree rooted at `pid` after `cell`, leaving it running.
+    /// Checkpoints the kernel tree rooted at `pid` (whose record is `kernel`) after
+    /// `cell`, leaving it running.
+    #[allow(clippy::too_many_arguments)] // the cell's key plus the kernel's identity
     pub async fn take(
         &mut self,
         pid: i32,
+        kernel: &crate::runtime::KernelRecord,
         own_ports: &BTreeSet<u16>,
         cell: &str,
         code: &str,
@@ -393,6 +402,10 @@ impl Checkpointer {
                         warn!(error = %e, "cannot record the kernel's open files");
                     }
                 }
+                let json = serde_json::to_vec(kernel).unwrap_or_default();
+                if let Err(e) = std::fs::write(dir.join(KERNEL_RECORD), json) {
+                    warn!(error = %e, "cannot record the dumped kernel's connection");
+                }
                 self.store.record(
                     id.clone(),
                     key,
@@ -426,6 +439,13 @@ impl Checkpointer {
         self.store
             .nearest(&self.notebook, cells, k)
             .map(|n| (n.cell_index, n.entry.id))
+    }
+
+    /// The record of the kernel dumped into checkpoint `id` (its connection info and
+    /// log), if it was saved.
+    pub fn kernel_record(&self, id: &CheckpointId) -> Option<crate::runtime::KernelRecord> {
+        let bytes = std::fs::read(self.store.dir(id).join(KERNEL_RECORD)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Checks that the files the kernel held open still have the sizes they had at the
