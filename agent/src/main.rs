@@ -8,7 +8,20 @@ fn main() -> std::process::ExitCode {
     {
         return nbagent::kernel::init::main(std::env::args_os().skip(2).collect());
     }
-    let args = nbagent::config::AgentArgs::parse();
+    // A command line that does not parse is a configuration error: exit with
+    // EX_CONFIG so that nbsupervisor does not restart the agent in a loop.
+    let args = match nbagent::config::AgentArgs::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                nbagent::config::EXIT_CONFIG
+            } else {
+                0
+            };
+            let _ = e.print();
+            return std::process::ExitCode::from(code);
+        }
+    };
     nbagent::telemetry::init(args.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
