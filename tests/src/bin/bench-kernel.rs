@@ -17,6 +17,8 @@ use nbagent_tests::kernel::{self, Notebook, Setup, children, rss_kib};
 use serde_json::Value;
 
 const WARMUP: usize = 10;
+/// Cells timed with a checkpoint after each (each costs a CRIU dump).
+const CHECKPOINTED_CELLS: usize = 20;
 
 const BARE: &str = r#"
 import json, sys, time
@@ -112,7 +114,12 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
 
     // --- start-up --------------------------------------------------------------
-    let nb = Notebook::start(Setup::default()).await;
+    // The cell path itself: no checkpoint after each cell (measured separately below).
+    let nb = Notebook::start(Setup {
+        agent_args: vec!["--no-checkpoints".into()],
+        ..Setup::default()
+    })
+    .await;
     let caps = nb
         .wait_for("capabilities", Duration::from_secs(60), |m| {
             m.first().cloned()
@@ -165,6 +172,31 @@ async fn main() -> anyhow::Result<()> {
     .await;
     let exit = nb.wait_exit(Duration::from_secs(30)).await;
 
+    // --- the same cell with reactive mode on (a CRIU dump after every cell) -------
+    let mut ckpt_rtt = Vec::new();
+    if kernel::missing_checkpoint_prerequisite().is_none() {
+        let mut nb = Notebook::start(Setup::default()).await;
+        nb.wait_kernel_ready(Duration::from_secs(60)).await;
+        for _ in 0..WARMUP {
+            let _ = nb.run("pass").await;
+        }
+        for _ in 0..CHECKPOINTED_CELLS {
+            let t = Instant::now();
+            let req = nb.submit("pass").await;
+            let _ = nb.wait(&req, Duration::from_secs(60)).await;
+            // The next cell waits for the checkpoint; so does this measure.
+            let r2 = nb.submit("pass").await;
+            let _ = nb.wait(&r2, Duration::from_secs(60)).await;
+            ckpt_rtt.push(t.elapsed().as_secs_f64() * 1000.0 / 2.0);
+        }
+        nb.command(&Message::Shutdown {
+            reason: "benchmark done".into(),
+            deadline_ms: 10_000,
+        })
+        .await;
+        let _ = nb.wait_exit(Duration::from_secs(30)).await;
+    }
+
     // --- bare jupyter_client --------------------------------------------------
     let out = tokio::process::Command::new(kernel::KERNEL_PYTHON)
         .arg("-c")
@@ -188,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
         .filter_map(Value::as_f64)
         .collect();
 
+    let ckpt = (!ckpt_rtt.is_empty()).then(|| stats(ckpt_rtt));
     let (a50, a99) = stats(agent_rtt);
     let (b50, b99) = stats(bare_rtt);
     println!("kernel benchmark ({profile} binaries, python3 ipykernel, {cells} cells of `pass`)");
@@ -207,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  total kernel start (ready_ms)                        {ready_ms:>7.0}");
     println!("  bare jupyter_client start_new_kernel (as root)       {bare_start:>7.0}");
     println!();
+    println!("(the agent path runs with --no-checkpoints; the last row adds reactive mode's dump)");
     println!("round trip of `pass`                  median ms   p99 ms");
     println!("  full agent path (submit -> stored)  {a50:>9.2} {a99:>8.2}");
     println!("  bare jupyter_client                 {b50:>9.2} {b99:>8.2}");
@@ -215,6 +249,9 @@ async fn main() -> anyhow::Result<()> {
         a50 / b50,
         a99 / b99
     );
+    if let Some((c50, c99)) = ckpt {
+        println!("  agent path + checkpoint per cell    {c50:>9.2} {c99:>8.2}");
+    }
     println!();
     println!("resident memory (VmRSS, after {} cells)", cells + WARMUP);
     for (what, kib) in rss {
