@@ -94,6 +94,31 @@ fn decode(m: &StoredMessage) -> Option<Message> {
     }
 }
 
+/// The cells of `agent` that have finished, without their outputs, in stored order.
+async fn finished_cells(state: &ServerState, agent: &str) -> Result<Vec<CellResult>, RunError> {
+    let mut out = Vec::new();
+    for m in state.store.messages_of_kind(agent, "cell_finished").await? {
+        if let Some(Message::CellFinished {
+            request,
+            cell,
+            status,
+            execution_count,
+            duration_ms,
+        }) = decode(&m)
+        {
+            out.push(CellResult {
+                request,
+                cell,
+                status,
+                execution_count,
+                duration_ms,
+                outputs: Vec::new(),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Waits until every request in `requests` has finished, then returns their results in
 /// the order of `requests`. `progress` is called once per newly finished cell.
 pub async fn wait_for_cells(
@@ -113,25 +138,10 @@ pub async fn wait_for_cells(
     let mut finished: Vec<Option<CellResult>> = vec![None; requests.len()];
     loop {
         stored.borrow_and_update();
-        for m in state.store.messages_of_kind(agent, "cell_finished").await? {
-            if let Some(Message::CellFinished {
-                request,
-                cell,
-                status,
-                execution_count,
-                duration_ms,
-            }) = decode(&m)
-                && let Some(&i) = wanted.get(request.as_str())
+        for mut r in finished_cells(state, agent).await? {
+            if let Some(&i) = wanted.get(r.request.as_str())
                 && finished[i].is_none()
             {
-                let mut r = CellResult {
-                    request,
-                    cell,
-                    status,
-                    execution_count,
-                    duration_ms,
-                    outputs: Vec::new(),
-                };
                 r.outputs = outputs_of(state, agent, &r.request).await?;
                 progress(&r);
                 finished[i] = Some(r);
@@ -215,25 +225,10 @@ pub async fn run_from(
     wait_for_cells(state, agent, &[request_id(run, last)], timeout, |_| {}).await?;
     let prefix = format!("{run}/");
     let mut out = Vec::new();
-    for m in state.store.messages_of_kind(agent, "cell_finished").await? {
-        if let Some(Message::CellFinished {
-            request,
-            cell,
-            status,
-            execution_count,
-            duration_ms,
-        }) = decode(&m)
-            && request.starts_with(&prefix)
-        {
-            let outputs = outputs_of(state, agent, &request).await?;
-            out.push(CellResult {
-                request,
-                cell,
-                status,
-                execution_count,
-                duration_ms,
-                outputs,
-            });
+    for mut r in finished_cells(state, agent).await? {
+        if r.request.starts_with(&prefix) {
+            r.outputs = outputs_of(state, agent, &r.request).await?;
+            out.push(r);
         }
     }
     Ok(out)
