@@ -142,7 +142,7 @@ pub struct AgentArgs {
 
     /// Most megabytes of checkpoint images kept; older ones off the notebook's current
     /// path are evicted first.
-    #[arg(long, env = "NBAGENT_CHECKPOINT_BUDGET_MB", default_value_t = 8192)]
+    #[arg(long, env = "NBAGENT_CHECKPOINT_BUDGET_MB", default_value_t = 2048)]
     pub checkpoint_budget_mb: u64,
 
     /// Restore checkpoints lazily where userfaultfd allows it: the kernel runs the
