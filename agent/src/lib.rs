@@ -121,6 +121,8 @@ pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
     let mut dirs = args.kernelspec_path.clone();
     dirs.append(&mut search.dirs);
     search.dirs = dirs;
+    // The kernel runs in its user's home: paths handed to it must not be relative.
+    let runtime_dir = std::path::absolute(&args.runtime_dir).unwrap_or(args.runtime_dir.clone());
     runtime::RuntimeConfig {
         state_dir: args.state_dir.clone(),
         kernel_name: args.kernel.clone(),
@@ -134,7 +136,7 @@ pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
         },
         kernel_path: args.kernel_path.clone(),
         init_exe: "/proc/self/exe".into(),
-        runtime_dir: args.runtime_dir.clone(),
+        runtime_dir: runtime_dir.clone(),
         supervisor_run_dir: std::env::var_os("NBSUPERVISOR_RUN_DIR").map(Into::into),
         start_timeout: Duration::from_secs(args.kernel_start_secs.max(1)),
         proc_root: "/proc".into(),
@@ -146,7 +148,7 @@ pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
         checkpoint_dir: args
             .checkpoint_dir
             .clone()
-            .unwrap_or_else(|| args.runtime_dir.join("checkpoints")),
+            .unwrap_or_else(|| runtime_dir.join("checkpoints")),
         checkpoint_budget: args.checkpoint_budget_mb.saturating_mul(1 << 20),
         lazy_restore: args.lazy_restore,
     }
