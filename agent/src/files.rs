@@ -658,3 +658,94 @@ fn root_dir_name(root: FileRoot) -> &'static str {
         FileRoot::Workspace => "workspace",
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::outbox::{Outbox, OutboxConfig};
+
+    /// A fake server: answers listings with `entries` and reads with "not found".
+    fn fake_server(mut rx: mpsc::Receiver<crate::channel::Query>, entries: Vec<FileEntry>) {
+        tokio::spawn(async move {
+            while let Some(q) = rx.recv().await {
+                let msg = match q.msg {
+                    Message::FileList { request, .. } => Message::FileListing {
+                        request,
+                        writable: true,
+                        entries: entries.clone(),
+                        error: None,
+                    },
+                    Message::FileRead { request, path, .. } => Message::FileData {
+                        request,
+                        offset: 0,
+                        eof: true,
+                        error: Some(format!("{path} not found (version \"v\")")),
+                    },
+                    other => panic!("unexpected query {other:?}"),
+                };
+                let _ = q.reply.send(nbagent_protocol::Frame::control(msg));
+            }
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_go_to_the_outbox_and_show_in_listings_until_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::new(
+            Outbox::open(OutboxConfig::new(dir.path().join("outbox"))).unwrap(),
+            false,
+        );
+        let sender = Sender::new(shared.clone());
+        let (queries, rx) = Queries::new(8);
+        let on_server = FileEntry {
+            path: "a.csv".into(),
+            kind: FileKind::File,
+            size: 1,
+            mtime_ms: 0,
+            version: "old".into(),
+        };
+        fake_server(rx, vec![on_server.clone()]);
+        let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
+        tokio::spawn(serve(
+            requests,
+            queries,
+            sender,
+            shared.clone(),
+            Duration::from_secs(2),
+        ));
+        let staged = dir.path().join("staged");
+        let content: Vec<u8> = (0..CHUNK + CHUNK / 2).map(|i| i as u8).collect();
+        std::fs::write(&staged, &content).unwrap();
+        let b = backing.clone();
+        let (listed, version, listed_again, read) = tokio::task::spawn_blocking(move || {
+            let listed = b.list(FileRoot::Notebook).unwrap();
+            let version = b
+                .upload(FileRoot::Notebook, "a.csv", "old", &staged)
+                .unwrap();
+            let again = b.list(FileRoot::Notebook).unwrap();
+            let read = b.read(FileRoot::Notebook, "gone.csv", "v", 0, 10);
+            (listed, version, again, read)
+        })
+        .await
+        .unwrap();
+        assert_eq!(listed.entries, vec![on_server]);
+        assert_eq!(version, nbagent_fusefs::backing::hash_bytes(&content));
+        // Two chunks in the outbox, and the listing shows the upload, not the server's
+        // older version, until the server acknowledges it.
+        assert_eq!(shared.outbox().pending_count(), 2);
+        assert_eq!(listed_again.entries.len(), 1);
+        assert_eq!(listed_again.entries[0].version, version);
+        assert_eq!(listed_again.entries[0].size, content.len() as u64);
+        assert!(
+            matches!(read, Err(BackingError::NotFound { .. })),
+            "{read:?}"
+        );
+        shared.ack(2).unwrap();
+        let b = backing.clone();
+        let after_ack = tokio::task::spawn_blocking(move || b.list(FileRoot::Notebook).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(after_ack.entries[0].version, "old");
+    }
+}

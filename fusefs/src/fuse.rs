@@ -473,6 +473,23 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        // No extended attributes: ENOSYS makes the kernel stop asking (the kernel asks
+        // for security.capability before the first write).
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
     fn ioctl(
         &self,
         _req: &Request,
