@@ -125,6 +125,12 @@ pub fn probe(config: &ProbeConfig) -> Vec<Feature> {
     ]
 }
 
+/// Only the `fuse_mount` probe: whether the attached files can be mounted here.
+pub fn probe_fuse_mount(config: &ProbeConfig) -> Feature {
+    let (_, has_sys_admin) = cap_feature("sys_admin", Capability::CAP_SYS_ADMIN, "");
+    probe_fuse(config, has_sys_admin)
+}
+
 /// Logs the feature matrix, one structured line per feature.
 pub fn log_features(features: &[Feature]) {
     for f in features {

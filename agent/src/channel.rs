@@ -17,7 +17,7 @@ use nbagent_protocol::{
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, error, info, warn};
 
@@ -189,6 +189,86 @@ pub enum ChannelStatus {
     Stuck(String),
 }
 
+/// A query (not sequenced) for the server, answered by request id.
+#[derive(Debug)]
+pub struct Query {
+    /// The request id inside `msg`.
+    pub request: u64,
+    /// The query (`file_list`, `file_read`, `blob_query`).
+    pub msg: Message,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Frame>,
+}
+
+/// Why a query got no answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    /// The channel task is gone (the agent is stopping).
+    #[error("the channel to the server is closed")]
+    Closed,
+    /// The connection dropped before the answer came.
+    #[error("the connection to the server dropped before the answer")]
+    Dropped,
+    /// No answer in time (the server is unreachable or slow).
+    #[error("no answer from the server within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The producers' handle for queries: [`Queries::ask`] sends a query over the live
+/// session (waiting for one if disconnected) and waits for the answer.
+#[derive(Debug, Clone)]
+pub struct Queries {
+    tx: mpsc::Sender<Query>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Queries {
+    /// A handle and the receiver the channel task takes (see [`run_with_queries`]).
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<Query>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (
+            Queries {
+                tx,
+                next: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            },
+            rx,
+        )
+    }
+
+    /// Sends the query `make(request id)` and waits at most `timeout` for its answer.
+    pub async fn ask(
+        &self,
+        make: impl FnOnce(u64) -> Message,
+        timeout: Duration,
+    ) -> Result<Frame, QueryError> {
+        let request = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        let query = Query {
+            request,
+            msg: make(request),
+            reply,
+        };
+        let asked = async {
+            self.tx.send(query).await.map_err(|_| QueryError::Closed)?;
+            answer.await.map_err(|_| QueryError::Dropped)
+        };
+        tokio::time::timeout(timeout, asked)
+            .await
+            .map_err(|_| QueryError::Timeout(timeout))?
+    }
+}
+
+/// The request id an answer from the server refers to.
+fn answer_to(msg: &Message) -> Option<u64> {
+    match msg {
+        Message::FileListing { request, .. }
+        | Message::FileData { request, .. }
+        | Message::BlobStatus { request, .. } => Some(*request),
+        _ => None,
+    }
+}
+
 /// Runs the channel until `shutdown` turns true, then sends goodbye.
 ///
 /// Commands from the server are forwarded on `commands`.
@@ -196,6 +276,19 @@ pub async fn run(
     config: ChannelConfig,
     shared: Arc<Shared>,
     commands: mpsc::Sender<Frame>,
+    status: watch::Sender<ChannelStatus>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (_queries, rx) = Queries::new(1);
+    run_with_queries(config, shared, commands, rx, status, shutdown).await
+}
+
+/// [`run`], also sending the queries of `queries` and routing their answers back.
+pub async fn run_with_queries(
+    config: ChannelConfig,
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Frame>,
+    mut queries: mpsc::Receiver<Query>,
     status: watch::Sender<ChannelStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -206,7 +299,7 @@ pub async fn run(
             return;
         }
         let r = tokio::select! {
-            r = session(&config, &shared, &commands, &status, &mut attempts, shutdown.clone()) => r,
+            r = session(&config, &shared, &commands, &mut queries, &status, &mut attempts, shutdown.clone()) => r,
             _ = shutdown.changed() => return,
         };
         let _ = status.send(ChannelStatus::Disconnected);
@@ -540,6 +633,7 @@ async fn session(
     config: &ChannelConfig,
     shared: &Arc<Shared>,
     commands: &mpsc::Sender<Frame>,
+    queries: &mut mpsc::Receiver<Query>,
     status: &watch::Sender<ChannelStatus>,
     attempts: &mut Attempts,
     shutdown: watch::Receiver<bool>,
@@ -563,6 +657,7 @@ async fn session(
         config,
         shared,
         commands,
+        queries,
         c.reader,
         c.wr,
         c.proto,
@@ -599,6 +694,7 @@ async fn pump<R, W>(
     config: &ChannelConfig,
     shared: &Arc<Shared>,
     commands: &mpsc::Sender<Frame>,
+    queries: &mut mpsc::Receiver<Query>,
     mut reader: FrameReader<R>,
     mut wr: W,
     mut proto: AgentSession,
@@ -617,6 +713,10 @@ where
     let mut last_tx = tokio::time::Instant::now();
     let mut last_rx = tokio::time::Instant::now();
     let mut frames = Vec::new();
+    // Queries sent in this session, by request id; dropped (the askers see the
+    // connection drop) when the session ends.
+    let mut asked: std::collections::HashMap<u64, oneshot::Sender<Frame>> = Default::default();
+    let mut queries_open = true;
     loop {
         // Send what the window allows.
         let room = config.window_bytes.saturating_sub(in_flight_bytes);
@@ -639,6 +739,20 @@ where
         frames.clear();
         tokio::select! {
             _ = appended, if room > 0 => continue,
+            q = queries.recv(), if queries_open => {
+                match q {
+                    Some(q) if !q.reply.is_closed() => {
+                        write_frame(&mut wr, &Frame::control(q.msg)).await?;
+                        wr.flush().await.map_err(IoError::from)?;
+                        last_tx = tokio::time::Instant::now();
+                        asked.retain(|_, r| !r.is_closed());
+                        asked.insert(q.request, q.reply);
+                    }
+                    Some(_) => debug!("query abandoned before it was sent"),
+                    None => queries_open = false,
+                }
+                continue;
+            }
             r = reader.read_batch(&mut frames, 1024) => {
                 if !r? {
                     return Ok(SessionEnd::Closed);
@@ -697,6 +811,15 @@ where
                                 ack_commands(&mut wr, seq).await?;
                             }
                         },
+                        None if answer_to(&frame.envelope.msg)
+                            .is_some_and(|r| asked.contains_key(&r)) =>
+                        {
+                            if let Some(reply) =
+                                answer_to(&frame.envelope.msg).and_then(|r| asked.remove(&r))
+                            {
+                                let _ = reply.send(frame);
+                            }
+                        }
                         None => {
                             if commands.send(frame).await.is_err() {
                                 debug!("no consumer for a server answer; dropped");

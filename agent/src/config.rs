@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::files::FilesMode;
 use crate::telemetry::LogFormat;
 use crate::workload::Workload;
 
@@ -159,6 +160,33 @@ pub struct AgentArgs {
     /// How long a starting kernel may take to answer kernel_info, seconds.
     #[arg(long, env = "NBAGENT_KERNEL_START_SECS", default_value_t = 60)]
     pub kernel_start_secs: u64,
+
+    /// How the notebook's attached files appear: `auto` mounts them with FUSE when the
+    /// container allows it and copies them otherwise; `copy` always copies (changed
+    /// notebook files are uploaded at shutdown); `off` attaches nothing.
+    #[arg(long, env = "NBAGENT_FILES_MODE", value_enum, default_value_t = FilesMode::Auto)]
+    pub files_mode: FilesMode,
+
+    /// Where the notebook's files appear (read-write for the kernel).
+    #[arg(
+        long,
+        env = "NBAGENT_NOTEBOOK_FILES",
+        default_value = "/data/notebook_files"
+    )]
+    pub notebook_files: PathBuf,
+
+    /// Where the workspace's files appear (read-only).
+    #[arg(
+        long,
+        env = "NBAGENT_WORKSPACE_FILES",
+        default_value = "/data/workspace_files"
+    )]
+    pub workspace_files: PathBuf,
+
+    /// How long a listing or read of an attached file waits for the server before the
+    /// kernel gets EIO, seconds.
+    #[arg(long, env = "NBAGENT_FILES_TIMEOUT_SECS", default_value_t = 10)]
+    pub files_timeout_secs: u64,
 
     /// Log format.
     #[arg(long, env = "NBAGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -2,6 +2,8 @@
 //!
 //! - [`channel`]: the TLS connection to nbserver (enrolment, mutual TLS, resend, acks,
 //!   heartbeats, reconnection).
+//! - [`files`]: the notebook's attached files (FUSE mount backed by the server, or a
+//!   copy), set up before the kernel starts.
 //! - [`outbox`]: the durable on-disk log every data message goes through.
 //! - [`sender`]: the producers' handle on the outbox, with backpressure.
 //! - [`identity`]: the agent's key and certificates, and TLS client configuration.
@@ -16,6 +18,7 @@
 pub mod capabilities;
 pub mod channel;
 pub mod config;
+pub mod files;
 pub mod identity;
 pub mod kernel;
 pub mod outbox;
@@ -118,6 +121,8 @@ pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
     let mut dirs = args.kernelspec_path.clone();
     dirs.append(&mut search.dirs);
     search.dirs = dirs;
+    // The kernel runs in its user's home: paths handed to it must not be relative.
+    let runtime_dir = std::path::absolute(&args.runtime_dir).unwrap_or(args.runtime_dir.clone());
     runtime::RuntimeConfig {
         state_dir: args.state_dir.clone(),
         kernel_name: args.kernel.clone(),
@@ -131,7 +136,7 @@ pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
         },
         kernel_path: args.kernel_path.clone(),
         init_exe: "/proc/self/exe".into(),
-        runtime_dir: args.runtime_dir.clone(),
+        runtime_dir: runtime_dir.clone(),
         supervisor_run_dir: std::env::var_os("NBSUPERVISOR_RUN_DIR").map(Into::into),
         start_timeout: Duration::from_secs(args.kernel_start_secs.max(1)),
         proc_root: "/proc".into(),
@@ -143,10 +148,43 @@ pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
         checkpoint_dir: args
             .checkpoint_dir
             .clone()
-            .unwrap_or_else(|| args.runtime_dir.join("checkpoints")),
+            .unwrap_or_else(|| runtime_dir.join("checkpoints")),
         checkpoint_budget: args.checkpoint_budget_mb.saturating_mul(1 << 20),
         lazy_restore: args.lazy_restore,
     }
+}
+
+/// Builds the attached files' configuration from the command line (`None`: off).
+pub fn files_config(args: &AgentArgs) -> Option<files::FilesConfig> {
+    if args.files_mode == files::FilesMode::Off {
+        return None;
+    }
+    let (uid, gid) = args
+        .kernel_user
+        .as_deref()
+        .and_then(|u| nix::unistd::User::from_name(u).ok().flatten())
+        .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+        .unwrap_or_else(|| {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        });
+    let fuse = capabilities::probe_fuse_mount(&capabilities::ProbeConfig::default());
+    let fuse_unavailable = match args.files_mode {
+        files::FilesMode::Auto if !fuse.enabled => Some(fuse.detail),
+        _ => None,
+    };
+    Some(files::FilesConfig {
+        mode: args.files_mode,
+        notebook_dir: args.notebook_files.clone(),
+        workspace_dir: args.workspace_files.clone(),
+        work_dir: args.state_dir.join("files"),
+        uid,
+        gid,
+        timeout: Duration::from_secs(args.files_timeout_secs.max(1)),
+        fuse_unavailable,
+    })
 }
 
 /// Opens the agent's outbox under `state_dir`.
@@ -180,10 +218,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let (cmd_tx, mut cmd_rx) = mpsc::channel(64);
     let (status_tx, mut status_rx) = watch::channel(ChannelStatus::Disconnected);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let channel = tokio::spawn(channel::run(
+    let (queries, queries_rx) = channel::Queries::new(256);
+    let channel = tokio::spawn(channel::run_with_queries(
         channel_config(&args),
         shared.clone(),
         cmd_tx,
+        queries_rx,
         status_tx,
         stop_rx,
     ));
@@ -201,6 +241,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         });
     }
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    // The attached files are in place before the kernel starts.
+    let attached = match files_config(&args) {
+        Some(cfg) if args.runs_kernel() => Some(
+            files::AttachedFiles::attach(&cfg, queries.clone(), sender.clone(), shared.clone())
+                .await,
+        ),
+        _ => None,
+    };
     let runtime = if args.runs_kernel() {
         let rt = runtime::Runtime::new(
             runtime_config(&args),
@@ -274,6 +322,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         _ = sigint.recv() => { info!("SIGINT: draining the outbox"); true }
         _ = shutdown_rx.changed() => true,
     };
+    if let Some(files) = attached {
+        // Unmount, or upload what changed in a copy, before draining the outbox.
+        files.detach().await;
+    }
     if drain_first {
         let deadline = args.drain();
         if tokio::time::timeout(deadline, shared.drained())

@@ -308,6 +308,10 @@ pub enum Message {
         offset: u64,
         /// Size of the whole new content.
         total: u64,
+        /// SHA-256 of the whole new content, lower-case hex: the new version. The
+        /// server assembles the chunks like a blob's and verifies this hash.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        version: String,
     },
 
     // ----- queries (not sequenced; answered by `request` id) ----------------------
@@ -340,6 +344,9 @@ pub enum Message {
         writable: bool,
         /// Entries.
         entries: Vec<FileEntry>,
+        /// Why the tree cannot be listed (then `entries` is empty).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// Agent -> server: read a byte range of an attached file.
     FileRead {
@@ -364,6 +371,9 @@ pub enum Message {
         offset: u64,
         /// The file ends with this payload.
         eof: bool,
+        /// Why the range cannot be read (no such file or version); the payload is empty.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
 }
 

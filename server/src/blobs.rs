@@ -284,6 +284,36 @@ impl BlobStore {
         })
     }
 
+    /// Up to `len` bytes of the blob `hash` from `offset`, and whether they reach its end.
+    pub fn read_range(
+        &self,
+        hash: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<(Vec<u8>, bool), BlobError> {
+        let path = self.path(hash)?;
+        let file = File::open(&path).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                BlobError::NotFound {
+                    hash: hash.to_owned(),
+                }
+            } else {
+                BlobError::Io {
+                    op: "open",
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        let size = file.metadata().map_err(io_err("stat", &path))?.len();
+        let start = offset.min(size);
+        let want = usize::try_from((size - start).min(len as u64)).unwrap_or(len);
+        let mut buf = vec![0u8; want];
+        file.read_exact_at(&mut buf, start)
+            .map_err(io_err("read", &path))?;
+        Ok((buf, start + want as u64 >= size))
+    }
+
     /// Stores `bytes` (if not already stored) and returns their hash.
     pub fn put(&self, bytes: &[u8]) -> Result<String, BlobError> {
         let hash = sha256_hex(bytes);

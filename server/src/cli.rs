@@ -76,6 +76,9 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         last: u32,
     },
+    /// Attached files (the notebook's and the workspace's trees of an agent).
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// The main job: start a server, enrol a local agent (under nbsupervisor) with a
     /// token, run a sample notebook on its kernel over mutual TLS, and print what the
     /// server stored.
@@ -122,6 +125,60 @@ pub enum TokenCommand {
         /// Lifetime, seconds.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
+    },
+}
+
+/// Which attached-files tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RootArg {
+    /// The notebook's files (the kernel may write them).
+    Notebook,
+    /// The workspace's files (read-only for the kernel).
+    Workspace,
+}
+
+impl From<RootArg> for nbagent_protocol::FileRoot {
+    fn from(r: RootArg) -> Self {
+        match r {
+            RootArg::Notebook => nbagent_protocol::FileRoot::Notebook,
+            RootArg::Workspace => nbagent_protocol::FileRoot::Workspace,
+        }
+    }
+}
+
+/// `nbserver files ...`.
+#[derive(Debug, Subcommand)]
+pub enum FilesCommand {
+    /// Attach a local file (or a directory, recursively) to an agent's tree; the agent
+    /// sees it at its next listing.
+    Put {
+        /// The agent.
+        #[arg(long)]
+        agent: String,
+        /// The tree.
+        #[arg(long, value_enum, default_value_t = RootArg::Notebook)]
+        root: RootArg,
+        /// The local file or directory.
+        local: PathBuf,
+        /// Path inside the tree [default: the local file name].
+        dest: Option<String>,
+    },
+    /// List attached files.
+    List {
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Print the current content of an attached file.
+    Cat {
+        /// The agent.
+        #[arg(long)]
+        agent: String,
+        /// The tree.
+        #[arg(long, value_enum, default_value_t = RootArg::Notebook)]
+        root: RootArg,
+        /// Path inside the tree.
+        path: String,
     },
 }
 
@@ -200,8 +257,66 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_summary(&store, &cli.data_dir, last).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Files(ref f) => files_command(&cli, f).await,
         Command::Demo(ref a) => crate::demo::demo(&cli, a).await,
     }
+}
+
+async fn files_command(cli: &Cli, command: &FilesCommand) -> anyhow::Result<ExitCode> {
+    let store = open_store(cli).await?;
+    let blobs = std::sync::Arc::new(crate::blobs::BlobStore::open(cli.data_dir.join("blobs"))?);
+    match command {
+        FilesCommand::Put {
+            agent,
+            root,
+            local,
+            dest,
+        } => {
+            let put = crate::files::put_path(
+                &store,
+                &blobs,
+                agent,
+                (*root).into(),
+                local,
+                dest.as_deref(),
+            )
+            .await
+            .with_context(|| format!("cannot attach {}", local.display()))?;
+            for f in put {
+                println!(
+                    "{} {}/{} {} bytes {}",
+                    f.agent, f.root, f.path, f.size, f.version
+                );
+            }
+        }
+        FilesCommand::List { agent } => print_files(&store, agent.as_deref()).await?,
+        FilesCommand::Cat { agent, root, path } => {
+            match crate::files::read(&store, &blobs, agent, (*root).into(), path).await? {
+                Some(bytes) => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&bytes)?;
+                }
+                None => anyhow::bail!("{path} is not an attached file of {agent}"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the attached files (of `agent`, or of every agent).
+pub async fn print_files(store: &Store, agent: Option<&str>) -> anyhow::Result<()> {
+    for f in store.files(agent, None).await? {
+        if f.kind == "dir" {
+            println!("{:<16} {:<9} {}/", f.agent, f.root, f.path);
+        } else {
+            let short = f.version.get(..12).unwrap_or(&f.version);
+            println!(
+                "{:<16} {:<9} {}  {} bytes  sha256 {short}",
+                f.agent, f.root, f.path, f.size
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn open_store(cli: &Cli) -> anyhow::Result<Store> {

@@ -10,16 +10,17 @@ use std::time::{Duration, Instant};
 
 use nbagent_protocol::io::{FrameReader, IoError, write_frame};
 use nbagent_protocol::{
-    ErrorCode, Frame, Limits, Message, RawFrame, Receipt, SUPPORTED, ServerEvent, ServerSession,
-    SessionError,
+    ErrorCode, FileRoot, Frame, Limits, Message, RawFrame, Receipt, SUPPORTED, ServerEvent,
+    ServerSession, SessionError,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
 use crate::blobs::ChunkOutcome;
+use crate::files;
 use crate::pki::Token;
 use crate::state::ServerState;
-use crate::store::{NewMessage, TokenError};
+use crate::store::{NewMessage, TokenError, UploadOutcome};
 
 /// How the peer reached us.
 #[derive(Debug, Clone)]
@@ -525,6 +526,7 @@ where
         }
         let mut batch: Vec<NewMessage> = Vec::new();
         let mut chunks: Vec<Chunk> = Vec::new();
+        let mut file_chunks: Vec<FileChunk> = Vec::new();
         let mut goodbye = false;
         let mut duplicates = false;
         for raw in &frames {
@@ -562,6 +564,25 @@ where
                                 payload: frame.payload.clone(),
                             });
                             Some(hash.clone())
+                        }
+                        Message::FileChunk {
+                            root,
+                            path,
+                            base_version,
+                            offset,
+                            total,
+                            version,
+                        } => {
+                            file_chunks.push(FileChunk {
+                                root: *root,
+                                path: path.clone(),
+                                base_version: base_version.clone(),
+                                offset: *offset,
+                                total: *total,
+                                version: version.clone(),
+                                payload: frame.payload.clone(),
+                            });
+                            (!version.is_empty()).then(|| version.clone())
                         }
                         _ => None,
                     };
@@ -608,6 +629,9 @@ where
         }
         if !chunks.is_empty() {
             store_chunks(state, &agent, chunks, &mut wr).await?;
+        }
+        if !file_chunks.is_empty() {
+            store_file_chunks(state, &agent, file_chunks, &mut wr).await?;
         }
         if !batch.is_empty() {
             let stored = match state.store.append(&agent, &stream, &batch).await {
@@ -703,6 +727,111 @@ async fn store_chunks<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// A chunk of a file the kernel wrote, waiting to be written.
+#[derive(Debug)]
+struct FileChunk {
+    root: FileRoot,
+    path: String,
+    base_version: String,
+    offset: u64,
+    total: u64,
+    version: String,
+    payload: bytes::Bytes,
+}
+
+/// Tells the agent (non-fatally) why an upload was not kept; the message itself is
+/// stored and acknowledged like any other (resending would not help).
+async fn refuse_upload<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    agent: &str,
+    path: &str,
+    why: String,
+) -> Result<(), ConnError> {
+    warn!(%agent, %path, reason = %why, "file upload refused");
+    send(
+        wr,
+        Message::Error {
+            code: ErrorCode::BlobMismatch,
+            message: format!("upload of {path:?} refused: {why}"),
+            fatal: false,
+        },
+    )
+    .await
+}
+
+/// Writes a batch's file chunks to the blob store (like blob chunks: idempotent,
+/// verified against the announced version) and records the versions their last chunks
+/// complete, keeping conflicting versions beside the current one.
+async fn store_file_chunks<W: AsyncWrite + Unpin>(
+    state: &Arc<ServerState>,
+    agent: &str,
+    chunks: Vec<FileChunk>,
+    wr: &mut W,
+) -> Result<(), ConnError> {
+    let mut ok = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        if let Err(e) = files::validate_path(&c.path) {
+            refuse_upload(wr, agent, &c.path, e.to_string()).await?;
+        } else if !files::writable(c.root) {
+            refuse_upload(wr, agent, &c.path, "the workspace tree is read-only".into()).await?;
+        } else if c.version.is_empty() {
+            refuse_upload(wr, agent, &c.path, "no version (sha-256) announced".into()).await?;
+        } else {
+            ok.push(c);
+        }
+    }
+    let blobs = state.blobs.clone();
+    let uploader = agent.to_owned();
+    let outcomes = tokio::task::spawn_blocking(move || {
+        ok.into_iter()
+            .map(|c| {
+                let r = blobs.write_chunk(&uploader, &c.version, c.offset, c.total, &c.payload);
+                (c, r)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ConnError::Io(IoError::Io(std::io::Error::other(e))))?;
+    for (c, outcome) in outcomes {
+        let last = c.offset + c.payload.len() as u64 == c.total;
+        match outcome {
+            Ok(ChunkOutcome::Complete { size }) => {
+                state
+                    .store
+                    .record_blob(&c.version, size, "application/octet-stream", now_secs())
+                    .await?;
+            }
+            Ok(ChunkOutcome::AlreadyPresent) if last => {}
+            Ok(_) => continue,
+            Err(e) => {
+                refuse_upload(wr, agent, &c.path, e.to_string()).await?;
+                continue;
+            }
+        }
+        match files::record_upload(
+            &state.store,
+            agent,
+            c.root,
+            &c.path,
+            &c.base_version,
+            &c.version,
+            c.total,
+        )
+        .await
+        {
+            Ok(UploadOutcome::Conflict { kept_as }) => {
+                warn!(%agent, path = %c.path, %kept_as, "file changed since the writer's version; both kept");
+            }
+            Ok(outcome) => {
+                debug!(%agent, path = %c.path, version = %c.version, ?outcome, "file version stored")
+            }
+            Err(files::FilesError::Store(e)) => return Err(e.into()),
+            Err(e) => refuse_upload(wr, agent, &c.path, e.to_string()).await?,
+        }
+    }
+    Ok(())
+}
+
 async fn control<W: AsyncWrite + Unpin>(
     wr: &mut W,
     state: &Arc<ServerState>,
@@ -721,6 +850,76 @@ async fn control<W: AsyncWrite + Unpin>(
                 .filter(|h| state.blobs.has(h).unwrap_or(false))
                 .collect();
             send(wr, Message::BlobStatus { request, present }).await
+        }
+        Message::FileList { request, root } => {
+            let msg = match files::listing(&state.store, agent, root).await {
+                Ok(entries) => Message::FileListing {
+                    request,
+                    writable: files::writable(root),
+                    entries,
+                    error: None,
+                },
+                Err(e) => {
+                    warn!(%agent, ?root, error = %e, "file listing failed");
+                    Message::FileListing {
+                        request,
+                        writable: false,
+                        entries: Vec::new(),
+                        error: Some(e.to_string()),
+                    }
+                }
+            };
+            send(wr, msg).await
+        }
+        Message::FileRead {
+            request,
+            root,
+            path,
+            version,
+            offset,
+            len,
+        } => {
+            let r = files::read_range(
+                &state.store,
+                &state.blobs,
+                agent,
+                root,
+                &path,
+                &version,
+                offset,
+                len,
+            )
+            .await;
+            let (msg, payload) = match r {
+                Ok((bytes, eof)) => (
+                    Message::FileData {
+                        request,
+                        offset,
+                        eof,
+                        error: None,
+                    },
+                    bytes::Bytes::from(bytes),
+                ),
+                Err(e) => {
+                    debug!(%agent, %path, error = %e, "file read refused");
+                    (
+                        Message::FileData {
+                            request,
+                            offset,
+                            eof: true,
+                            error: Some(e.to_string()),
+                        },
+                        bytes::Bytes::new(),
+                    )
+                }
+            };
+            let frame = Frame {
+                envelope: nbagent_protocol::Envelope { seq: None, msg },
+                payload,
+            };
+            write_frame(wr, &frame).await?;
+            wr.flush().await.map_err(IoError::from)?;
+            Ok(())
         }
         Message::RenewCertificate { csr_pem } => {
             let issued = state.ca.read().await.sign_agent_csr(

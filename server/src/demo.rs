@@ -1,13 +1,14 @@
 //! `nbserver demo`, the main job: a server with embedded defaults, a local agent under
 //! `nbsupervisor` that enrols with a single-use token and runs a real Jupyter kernel,
-//! a sample notebook run through it, and what the server stored.
+//! a sample notebook run through it (reading an attached CSV from the notebook's files and
+//! writing a summary back), and what the server stored.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use nbagent_protocol::{Envelope, Feature, Message};
+use nbagent_protocol::{Envelope, Feature, FileRoot, Message};
 
 use crate::cli::{Cli, DemoArgs, create_token, print_summary};
 use crate::config::ServerConfig;
@@ -160,6 +161,32 @@ pub async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
         data_dir.display()
     );
     println!("== enrolment token created for agent '{AGENT}' (single use, 10 min)");
+    let sales = a
+        .notebook
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("sales.csv");
+    if sales.exists() {
+        let put = crate::files::put_path(
+            &server.state.store,
+            &server.state.blobs,
+            AGENT,
+            FileRoot::Notebook,
+            &sales,
+            Some("sales.csv"),
+        )
+        .await
+        .with_context(|| format!("cannot attach {}", sales.display()))?;
+        for f in put {
+            println!(
+                "== attached {} as notebook file {} ({} bytes): the kernel sees /data/notebook_files/{}",
+                sales.display(),
+                f.path,
+                f.size,
+                f.path
+            );
+        }
+    }
     println!(
         "== starting nbsupervisor -> nbagent (kernel {} as user {})",
         notebook.kernel, a.kernel_user
@@ -245,6 +272,25 @@ pub async fn demo(cli: &Cli, a: &DemoArgs) -> anyhow::Result<ExitCode> {
 
     println!("== the server stored:");
     print_summary(&server.state.store, &data_dir, 3).await?;
+    println!("== attached files on the server:");
+    crate::cli::print_files(&server.state.store, Some(AGENT)).await?;
+    match crate::files::read(
+        &server.state.store,
+        &server.state.blobs,
+        AGENT,
+        FileRoot::Notebook,
+        "summary.csv",
+    )
+    .await?
+    {
+        Some(bytes) => {
+            println!("== summary.csv as the kernel saved it (read back from the server):");
+            for line in String::from_utf8_lossy(&bytes).lines() {
+                println!("   | {line}");
+            }
+        }
+        None => println!("== the kernel saved no summary.csv (see the notebook's output above)"),
+    }
     let blobs = server.state.store.blob_count().await?;
     println!(
         "== blobs verified and stored: {blobs} (in {})",

@@ -5,6 +5,7 @@
 //! - [`pki`]: the certificate authority, server certificate and enrolment tokens.
 //! - [`store`]: the database (SQLite embedded by default, PostgreSQL by URL).
 //! - [`blobs`]: the content-addressed blob store.
+//! - [`files`]: the attached files of each agent (listing, reads, uploads, conflicts).
 //! - [`run`]: running notebook cells on an agent and reading back their outputs.
 //! - [`cli`]: the `nbserver` command line, including the `demo` main job.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod files;
 pub mod notebook;
 pub mod pki;
 pub mod run;

@@ -174,7 +174,8 @@ mod tests {
     fn the_sample_notebook_parses() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sample.ipynb");
         let nb = Notebook::read(&p).unwrap();
-        assert_eq!(nb.cells.len(), 5);
-        assert!(nb.cells[3].code.contains("plt.show()"));
+        assert_eq!(nb.cells.len(), 6);
+        assert!(nb.cells[2].code.contains("/data/notebook_files/sales.csv"));
+        assert!(nb.cells[4].code.contains("plt.show()"));
     }
 }

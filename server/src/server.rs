@@ -68,6 +68,15 @@ impl RunningServer {
         let _ = self.task.await;
     }
 
+    /// Stops accepting and ends every live session too, as if the server went away
+    /// (tests of outages; what was committed stays committed).
+    pub async fn kill(self) {
+        self.state.sessions.close_all();
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+        self.state.sessions.close_all();
+    }
+
     /// Waits until the accept loop ends (it runs until shutdown).
     pub async fn wait(self) {
         let _ = self.task.await;

@@ -105,6 +105,17 @@ impl SessionRegistry {
         fresh
     }
 
+    /// Tells every live session to close (a server going away).
+    pub fn close_all(&self) {
+        let live = match self.live.lock() {
+            Ok(m) => m.values().cloned().collect::<Vec<_>>(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        };
+        for n in live {
+            n.notify_one();
+        }
+    }
+
     /// Number of agents with a live session.
     pub fn len(&self) -> usize {
         match self.live.lock() {

@@ -48,6 +48,12 @@ const MIGRATIONS: &[(i64, &str, &str, &str)] = &[
         include_str!("../migrations/sqlite/0002_commands.sql"),
         include_str!("../migrations/postgres/0002_commands.sql"),
     ),
+    (
+        3,
+        "files",
+        include_str!("../migrations/sqlite/0003_files.sql"),
+        include_str!("../migrations/postgres/0003_files.sql"),
+    ),
 ];
 
 /// Errors from the store.
@@ -308,6 +314,56 @@ pub struct BlobRecord {
     pub media_type: String,
     /// When it was first recorded (unix seconds).
     pub created_at: i64,
+}
+
+/// One attached file or directory as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    /// Agent the file is attached to.
+    pub agent: String,
+    /// `notebook` or `workspace`.
+    pub root: String,
+    /// Path relative to the root, `/`-separated.
+    pub path: String,
+    /// `file` or `dir`.
+    pub kind: String,
+    /// SHA-256 of the content (empty for directories).
+    pub version: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, Unix milliseconds.
+    pub mtime_ms: i64,
+}
+
+/// What [`Store::record_file_upload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UploadOutcome {
+    /// The upload is the new current version of its path.
+    Stored,
+    /// The path already had this version (a resent upload).
+    AlreadyCurrent,
+    /// The path changed since the writer's base version: the upload was kept under
+    /// another path.
+    Conflict {
+        /// Where the upload was kept.
+        kept_as: String,
+    },
+}
+
+type FileRow = (String, String, String, String, String, i64, i64);
+
+fn file_record(row: FileRow) -> Result<FileRecord, StoreError> {
+    let (agent, root, path, kind, version, size, mtime_ms) = row;
+    Ok(FileRecord {
+        agent,
+        root,
+        path,
+        kind,
+        version,
+        size: from_db("size", size)?,
+        mtime_ms,
+    })
 }
 
 /// Handle to the server's database. Cloning is cheap: clones share one connection pool.
@@ -931,6 +987,120 @@ impl Store {
             .await
             .map_err(query_err("count blobs"))?;
         from_db("count", n)
+    }
+
+    /// Creates or replaces the record of one attached file or directory.
+    pub async fn put_file(&self, f: &FileRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO files (agent, root, path, kind, version, size, mtime_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (agent, root, path) DO UPDATE SET kind = excluded.kind, \
+             version = excluded.version, size = excluded.size, mtime_ms = excluded.mtime_ms",
+        )
+        .bind(&f.agent)
+        .bind(&f.root)
+        .bind(&f.path)
+        .bind(&f.kind)
+        .bind(&f.version)
+        .bind(to_db("size", f.size)?)
+        .bind(f.mtime_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("put file"))?;
+        Ok(())
+    }
+
+    /// The attached files of `agent` in `root` (every root when `None`), by path.
+    pub async fn files(
+        &self,
+        agent: Option<&str>,
+        root: Option<&str>,
+    ) -> Result<Vec<FileRecord>, StoreError> {
+        // Typed filters only: PostgreSQL cannot infer the type of `$1 IS NULL`.
+        let mut sql =
+            String::from("SELECT agent, root, path, kind, version, size, mtime_ms FROM files");
+        let mut n = 0;
+        for (col, v) in [("agent", agent), ("root", root)] {
+            if v.is_some() {
+                n += 1;
+                sql.push_str(if n == 1 { " WHERE " } else { " AND " });
+                sql.push_str(&format!("{col} = ${n}"));
+            }
+        }
+        sql.push_str(" ORDER BY agent, root, path");
+        let mut query = sqlx::query_as::<_, FileRow>(AssertSqlSafe(sql));
+        for v in [agent, root].into_iter().flatten() {
+            query = query.bind(v);
+        }
+        let rows = query
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list files"))?;
+        rows.into_iter().map(file_record).collect()
+    }
+
+    /// One attached file or directory.
+    pub async fn file(
+        &self,
+        agent: &str,
+        root: &str,
+        path: &str,
+    ) -> Result<Option<FileRecord>, StoreError> {
+        let row: Option<FileRow> = sqlx::query_as(
+            "SELECT agent, root, path, kind, version, size, mtime_ms FROM files \
+             WHERE agent = $1 AND root = $2 AND path = $3",
+        )
+        .bind(agent)
+        .bind(root)
+        .bind(path)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err("look up file"))?;
+        row.map(file_record).transpose()
+    }
+
+    /// Records an uploaded version of a file whose content is in the blob store.
+    ///
+    /// Idempotent (an upload resent after a crash changes nothing). When the path's
+    /// current version is neither `base_version` nor the new one, both are kept: the
+    /// upload goes to `<path> (conflict <conflict_tag>)`.
+    pub async fn record_file_upload(
+        &self,
+        upload: &FileRecord,
+        base_version: &str,
+        conflict_tag: &str,
+    ) -> Result<UploadOutcome, StoreError> {
+        let current = self.file(&upload.agent, &upload.root, &upload.path).await?;
+        let current_version = current.as_ref().map(|c| c.version.as_str());
+        if current_version == Some(upload.version.as_str()) {
+            return Ok(UploadOutcome::AlreadyCurrent);
+        }
+        let fits = match current_version {
+            None => true,
+            Some(v) => v == base_version,
+        };
+        if fits {
+            self.put_file(upload).await?;
+            return Ok(UploadOutcome::Stored);
+        }
+        // Already kept as a conflict copy (a resend)?
+        let prefix = format!("{} (conflict ", upload.path);
+        let siblings = self.files(Some(&upload.agent), Some(&upload.root)).await?;
+        if let Some(kept) = siblings
+            .iter()
+            .find(|f| f.path.starts_with(&prefix) && f.version == upload.version)
+        {
+            return Ok(UploadOutcome::Conflict {
+                kept_as: kept.path.clone(),
+            });
+        }
+        let kept_as = format!("{}{conflict_tag})", prefix);
+        self.put_file(&FileRecord {
+            path: kept_as.clone(),
+            ..upload.clone()
+        })
+        .await?;
+        Ok(UploadOutcome::Conflict { kept_as })
     }
 
     /// Metadata of the blob `hash`, if recorded.

@@ -137,6 +137,7 @@ on_both!(
     agents_are_recorded_and_touched,
     blob_record_is_idempotent,
     bulk_append_of_100k_messages,
+    files_are_listed_and_uploads_keep_conflicts,
 );
 
 fn msg(seq: u64) -> NewMessage {
@@ -546,4 +547,93 @@ async fn bulk_append_of_100k_messages(db: &TestDb) {
         vec![TOTAL - 1, TOTAL]
     );
     store.close().await;
+}
+
+fn file(agent: &str, root: &str, path: &str, version: &str) -> nbserver::store::FileRecord {
+    nbserver::store::FileRecord {
+        agent: agent.to_owned(),
+        root: root.to_owned(),
+        path: path.to_owned(),
+        kind: "file".to_owned(),
+        version: version.to_owned(),
+        size: 3,
+        mtime_ms: 1_700_000_000_000,
+    }
+}
+
+async fn files_are_listed_and_uploads_keep_conflicts(db: &TestDb) {
+    use nbserver::store::UploadOutcome;
+    let store = db.open().await;
+    store
+        .put_file(&file("a", "notebook", "x.csv", "v1"))
+        .await
+        .unwrap();
+    store
+        .put_file(&file("a", "workspace", "w.md", "w1"))
+        .await
+        .unwrap();
+    store
+        .put_file(&file("b", "notebook", "x.csv", "b1"))
+        .await
+        .unwrap();
+    // Replacing keeps one row per path.
+    store
+        .put_file(&file("a", "notebook", "x.csv", "v1"))
+        .await
+        .unwrap();
+    let paths = |v: Vec<nbserver::store::FileRecord>| {
+        v.into_iter()
+            .map(|f| format!("{}/{}/{}", f.agent, f.root, f.path))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        paths(store.files(None, None).await.unwrap()),
+        ["a/notebook/x.csv", "a/workspace/w.md", "b/notebook/x.csv"]
+    );
+    assert_eq!(
+        paths(store.files(Some("a"), Some("notebook")).await.unwrap()),
+        ["a/notebook/x.csv"]
+    );
+    assert_eq!(
+        store
+            .record_file_upload(&file("a", "notebook", "x.csv", "v2"), "v1", "t1")
+            .await
+            .unwrap(),
+        UploadOutcome::Stored
+    );
+    assert_eq!(
+        store
+            .record_file_upload(&file("a", "notebook", "x.csv", "v2"), "v1", "t2")
+            .await
+            .unwrap(),
+        UploadOutcome::AlreadyCurrent
+    );
+    let conflict = store
+        .record_file_upload(&file("a", "notebook", "x.csv", "v3"), "v1", "t3")
+        .await
+        .unwrap();
+    assert_eq!(
+        conflict,
+        UploadOutcome::Conflict {
+            kept_as: "x.csv (conflict t3)".into()
+        }
+    );
+    let current = store.file("a", "notebook", "x.csv").await.unwrap().unwrap();
+    assert_eq!(current.version, "v2");
+    let kept = store
+        .file("a", "notebook", "x.csv (conflict t3)")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.version, "v3");
+    // Other agents are untouched.
+    assert_eq!(
+        store
+            .file("b", "notebook", "x.csv")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        "b1"
+    );
 }

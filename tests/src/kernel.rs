@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nbagent::runtime::KernelRecord;
 use nbagent::runtime::record::proc_stat;
-use nbagent_protocol::{CellSource, CheckpointEvent, Envelope, Feature, Message};
+use nbagent_protocol::{CellSource, CheckpointEvent, Envelope, Feature, FileRoot, Message};
 use nbserver::run::{self, CellResult};
 use nbserver::store::StoredMessage;
 
@@ -106,6 +106,10 @@ pub struct Setup {
     pub rust_log: String,
     /// Extra arguments for the agent (after the ones the harness passes).
     pub agent_args: Vec<String>,
+    /// Files attached on the server before the agent starts: (tree, path, content).
+    /// The harness turns attached files off (`NBAGENT_FILES_MODE=off`) unless `env`
+    /// says otherwise.
+    pub files: Vec<(FileRoot, String, Vec<u8>)>,
 }
 
 impl Default for Setup {
@@ -115,6 +119,7 @@ impl Default for Setup {
             env: Vec::new(),
             rust_log: "info".into(),
             agent_args: Vec::new(),
+            files: Vec::new(),
         }
     }
 }
@@ -180,6 +185,18 @@ impl Notebook {
                 .await
                 .expect("token")
                 .to_string();
+        for (root, path, bytes) in &setup.files {
+            nbserver::files::put_bytes(
+                &server.state.store,
+                &server.state.blobs,
+                &agent,
+                *root,
+                path,
+                bytes.clone(),
+            )
+            .await
+            .expect("attach file");
+        }
         let mut cmd = Command::new(bin("nbsupervisor"));
         cmd.arg("--run-dir")
             .arg(&run_dir)
@@ -197,6 +214,7 @@ impl Notebook {
             .env("NBAGENT_RUNTIME_DIR", &runtime_dir)
             .env("NBAGENT_LOG_FORMAT", "json")
             .env("RUST_LOG", &setup.rust_log)
+            .env("NBAGENT_FILES_MODE", "off")
             .envs(setup.env.iter().map(|(k, v)| (k, v)));
         let f = std::fs::File::create(&log).expect("log file");
         cmd.stdin(Stdio::null())
@@ -220,6 +238,34 @@ impl Notebook {
             cells: AtomicUsize::new(0),
             _tmp: tmp,
         }
+    }
+
+    /// Kills the server (listener and live sessions), waits `down`, and starts it
+    /// again on the same address and data directory.
+    pub async fn restart_server(&mut self, down: Duration) {
+        let mut config = self.server.state.config.clone();
+        config.listen = self.server.addr;
+        // A stand-in, so that `self.server` stays valid while the real one is down.
+        let stand_in = nbserver::ServerConfig::new(
+            self._tmp.path().join("stand-in"),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        let stand_in = nbserver::start(stand_in).await.expect("start stand-in");
+        let old = std::mem::replace(&mut self.server, stand_in);
+        old.kill().await;
+        tokio::time::sleep(down).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let fresh = loop {
+            match nbserver::start(config.clone()).await {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("restart: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cannot restart the server: {e}"),
+            }
+        };
+        std::mem::replace(&mut self.server, fresh).kill().await;
     }
 
     /// The supervisor's pid.

@@ -414,6 +414,7 @@ pub fn message() -> BoxedStrategy<Message> {
                 base_version,
                 offset,
                 total,
+                version: String::new(),
             }
         ),
         (any::<u64>(), prop::collection::vec(text(), 0..4))
@@ -442,6 +443,7 @@ pub fn message() -> BoxedStrategy<Message> {
                         version,
                     })
                     .collect(),
+                error: None,
             }),
         (
             any::<u64>(),
@@ -466,6 +468,7 @@ pub fn message() -> BoxedStrategy<Message> {
                 request,
                 offset,
                 eof,
+                error: None,
             }
         }),
     ]
@@ -798,6 +801,7 @@ pub fn examples() -> Vec<Example> {
                 base_version: String::new(),
                 offset: 0,
                 total: 3,
+                version: String::new(),
             },
             ToServer,
             true,
@@ -841,6 +845,7 @@ pub fn examples() -> Vec<Example> {
                     mtime_ms: 1_700_000_000_000,
                     version: "9f86".into(),
                 }],
+                error: None,
             },
             ToAgent,
             false,
@@ -864,6 +869,7 @@ pub fn examples() -> Vec<Example> {
                 request: 3,
                 offset: 0,
                 eof: true,
+                error: None,
             },
             ToAgent,
             false,

@@ -1,0 +1,751 @@
+//! The notebook's attached files inside the container, backed by the server.
+//!
+//! Two trees: the notebook's files (read-write) and the workspace's (read-only), at
+//! configurable paths (`/data/notebook_files`, `/data/workspace_files`). They are set
+//! up before the kernel starts, in one of two ways:
+//!
+//! - **mount** (FUSE available): `nbagent-fusefs` mounts each tree (`allow_other`, files
+//!   owned by the notebook user). Its [`ChannelBacking`] turns every backing call of a
+//!   FUSE worker thread into a [`BackingRequest`]; [`serve`] answers them: listings and
+//!   reads become `file_list`/`file_read` queries over the channel (waiting at most the
+//!   configured timeout, after which the kernel sees `EIO`), uploads become sequenced
+//!   `file_chunk` messages appended to the durable outbox, so a closed file is safe on
+//!   local disk at once and reaches the server whenever it is reachable.
+//! - **copy** (no FUSE, or `--files-mode copy`): the trees are copied into the same
+//!   paths, and changed notebook files are uploaded at shutdown; the agent says so in
+//!   its log and in an `output_gap` notice.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nbagent_fusefs::backing::hash_file;
+use nbagent_fusefs::copy::{CopyError, Manifest, copy_tree, sync_back};
+use nbagent_fusefs::{
+    Backing, BackingError, BackingRequest, ChannelBacking, Fs, FsConfig, Listing, MountOptions,
+    Mounted, SystemClock, detach_stale, mount,
+};
+use nbagent_protocol::{FileEntry, FileKind, FileRoot, Message};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::channel::{Queries, QueryError};
+use crate::sender::{Sender, Shared};
+
+/// Bytes per `file_chunk` (and most asked per `file_read`).
+pub const CHUNK: usize = 1 << 20;
+
+/// How the attached files are made available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FilesMode {
+    /// Mount with FUSE when the container allows it, else copy.
+    Auto,
+    /// Mount with FUSE; fall back to copying (with a notice) when that fails.
+    Mount,
+    /// Copy the trees in before the kernel starts, sync back at shutdown.
+    Copy,
+    /// No attached files.
+    Off,
+}
+
+/// Settings of the attached files.
+#[derive(Debug, Clone)]
+pub struct FilesConfig {
+    /// Mount or copy.
+    pub mode: FilesMode,
+    /// Where the notebook's files appear.
+    pub notebook_dir: PathBuf,
+    /// Where the workspace's files appear.
+    pub workspace_dir: PathBuf,
+    /// Staging and cache directory (private to the agent).
+    pub work_dir: PathBuf,
+    /// Owner the files appear with (the notebook user).
+    pub uid: u32,
+    /// Group the files appear with.
+    pub gid: u32,
+    /// How long one listing or read may wait for the server.
+    pub timeout: Duration,
+    /// Why FUSE cannot be used here, if it cannot (from the capability probe).
+    pub fuse_unavailable: Option<String>,
+}
+
+/// Errors setting up the attached files.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FilesError {
+    /// A directory could not be prepared.
+    #[error("cannot prepare {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The filesystem core could not be built (the first listing failed).
+    #[error("cannot list the {root:?} tree")]
+    Core {
+        /// Which tree.
+        root: FileRoot,
+        /// The cause.
+        #[source]
+        source: nbagent_fusefs::FsError,
+    },
+    /// Mounting failed.
+    #[error("cannot mount the {root:?} tree at {path}")]
+    Mount {
+        /// Which tree.
+        root: FileRoot,
+        /// The mount point.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Copying failed.
+    #[error("cannot copy the {root:?} tree into {path}")]
+    Copy {
+        /// Which tree.
+        root: FileRoot,
+        /// The destination.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: CopyError,
+    },
+    /// A blocking task panicked.
+    #[error("a blocking task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Uploads queued in the outbox but perhaps not yet stored by the server: shown in
+/// listings until the server acknowledges them, so a re-listing does not hide a file
+/// the kernel just wrote.
+#[derive(Debug, Default)]
+struct Pending {
+    uploads: HashMap<(FileRoot, String), (u64, FileEntry)>,
+}
+
+/// Answers the requests of a [`ChannelBacking`] until its senders are gone.
+pub async fn serve(
+    mut requests: mpsc::Receiver<BackingRequest>,
+    queries: Queries,
+    sender: Sender,
+    shared: Arc<Shared>,
+    timeout: Duration,
+) {
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    while let Some(req) = requests.recv().await {
+        let (queries, sender, shared, pending) = (
+            queries.clone(),
+            sender.clone(),
+            shared.clone(),
+            pending.clone(),
+        );
+        tokio::spawn(async move {
+            answer(req, &queries, &sender, &shared, &pending, timeout).await;
+        });
+    }
+}
+
+fn query_error(op: &'static str, e: QueryError) -> BackingError {
+    match e {
+        QueryError::Timeout(after) => BackingError::Timeout { op, after },
+        _ => BackingError::Disconnected { op },
+    }
+}
+
+fn unexpected(op: &'static str, msg: &Message) -> BackingError {
+    BackingError::Remote {
+        op,
+        reason: format!("unexpected answer {}", msg.kind()),
+    }
+}
+
+fn lock(p: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn answer(
+    req: BackingRequest,
+    queries: &Queries,
+    sender: &Sender,
+    shared: &Shared,
+    pending: &Mutex<Pending>,
+    timeout: Duration,
+) {
+    match req {
+        BackingRequest::List { root, reply } => {
+            let r = list(queries, root, timeout).await.map(|mut listing| {
+                let acked = shared.outbox().window().acked();
+                let mut p = lock(pending);
+                p.uploads.retain(|_, (seq, _)| *seq > acked);
+                for ((r, path), (_, entry)) in &p.uploads {
+                    if *r != root {
+                        continue;
+                    }
+                    match listing.entries.iter_mut().find(|e| &e.path == path) {
+                        Some(e) => *e = entry.clone(),
+                        None => listing.entries.push(entry.clone()),
+                    }
+                }
+                listing
+            });
+            reply.send(r);
+        }
+        BackingRequest::Read {
+            root,
+            path,
+            version,
+            offset,
+            len,
+            reply,
+        } => reply.send(read(queries, root, &path, &version, offset, len, timeout).await),
+        BackingRequest::Upload {
+            root,
+            path,
+            base_version,
+            staged,
+            reply,
+        } => {
+            let r = upload(sender, root, &path, &base_version, &staged).await;
+            if let Ok((seq, entry)) = &r {
+                lock(pending)
+                    .uploads
+                    .insert((root, path.clone()), (*seq, entry.clone()));
+            }
+            reply.send(r.map(|(_, e)| e.version));
+        }
+        // Directories are implicit on the server: they exist while files are below them.
+        BackingRequest::Mkdir { reply, .. } => reply.send(Ok(())),
+        BackingRequest::Remove { reply, .. } => reply.send(Err(unsupported("remove"))),
+        BackingRequest::Rename { reply, .. } => reply.send(Err(unsupported("rename"))),
+        other => {
+            warn!(request = ?other, "backing request not supported; dropped");
+        }
+    }
+}
+
+fn unsupported(op: &'static str) -> BackingError {
+    BackingError::Remote {
+        op,
+        reason: "not supported by the server yet".into(),
+    }
+}
+
+async fn list(
+    queries: &Queries,
+    root: FileRoot,
+    timeout: Duration,
+) -> Result<Listing, BackingError> {
+    let frame = queries
+        .ask(|request| Message::FileList { request, root }, timeout)
+        .await
+        .map_err(|e| query_error("list", e))?;
+    match frame.envelope.msg {
+        Message::FileListing {
+            writable,
+            entries,
+            error: None,
+            ..
+        } => Ok(Listing { writable, entries }),
+        Message::FileListing {
+            error: Some(reason),
+            ..
+        } => Err(BackingError::Remote { op: "list", reason }),
+        other => Err(unexpected("list", &other)),
+    }
+}
+
+async fn read(
+    queries: &Queries,
+    root: FileRoot,
+    path: &str,
+    version: &str,
+    offset: u64,
+    len: u32,
+    timeout: Duration,
+) -> Result<Vec<u8>, BackingError> {
+    let len = len as usize;
+    let mut out = Vec::with_capacity(len.min(16 << 20));
+    while out.len() < len {
+        let at = offset + out.len() as u64;
+        let want = u32::try_from((len - out.len()).min(CHUNK * 4)).unwrap_or(u32::MAX);
+        let frame = queries
+            .ask(
+                |request| Message::FileRead {
+                    request,
+                    root,
+                    path: path.to_owned(),
+                    version: version.to_owned(),
+                    offset: at,
+                    len: want,
+                },
+                timeout,
+            )
+            .await
+            .map_err(|e| query_error("read", e))?;
+        match frame.envelope.msg {
+            Message::FileData {
+                error: Some(reason),
+                ..
+            } => {
+                return Err(if reason.contains("not found") {
+                    BackingError::NotFound {
+                        path: path.to_owned(),
+                        version: version.to_owned(),
+                    }
+                } else {
+                    BackingError::Remote { op: "read", reason }
+                });
+            }
+            Message::FileData { eof, .. } => {
+                out.extend_from_slice(&frame.payload);
+                if eof || frame.payload.is_empty() {
+                    break;
+                }
+            }
+            other => return Err(unexpected("read", &other)),
+        }
+    }
+    Ok(out)
+}
+
+/// Snapshots `staged` (the kernel may go on writing it through passthrough), hashes the
+/// snapshot and appends it to the outbox as `file_chunk` messages. Returns the last
+/// chunk's sequence number and the entry the server will list.
+async fn upload(
+    sender: &Sender,
+    root: FileRoot,
+    path: &str,
+    base_version: &str,
+    staged: &Path,
+) -> Result<(u64, FileEntry), BackingError> {
+    let io_err = |source| BackingError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let staged = staged.to_owned();
+    let snapshot = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let snap = staged.with_extension("upload");
+        std::fs::copy(&staged, &snap)?;
+        let mut f = std::fs::File::open(&snap)?;
+        let version = hash_file(&mut f)?;
+        let size = f.metadata()?.len();
+        Ok((snap, version, size))
+    })
+    .await
+    .map_err(|e| io_err(std::io::Error::other(e)))?
+    .map_err(io_err)?;
+    let (snap, version, size) = snapshot;
+    let sent = send_chunks(sender, root, path, base_version, &snap, &version, size).await;
+    let _ = std::fs::remove_file(&snap);
+    let seq = sent?;
+    info!(?root, %path, %version, size, "file queued for upload");
+    Ok((
+        seq,
+        FileEntry {
+            path: path.to_owned(),
+            kind: FileKind::File,
+            size,
+            mtime_ms: now_ms(),
+            version,
+        },
+    ))
+}
+
+async fn send_chunks(
+    sender: &Sender,
+    root: FileRoot,
+    path: &str,
+    base_version: &str,
+    snap: &Path,
+    version: &str,
+    size: u64,
+) -> Result<u64, BackingError> {
+    let io_err = |source| BackingError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(snap).map_err(io_err)?;
+    let mut offset = 0u64;
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        let mut n = 0;
+        while n < buf.len() {
+            let r = file.read(&mut buf[n..]).map_err(io_err)?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        buf.truncate(n);
+        let msg = Message::FileChunk {
+            root,
+            path: path.to_owned(),
+            base_version: base_version.to_owned(),
+            offset,
+            total: size,
+            version: version.to_owned(),
+        };
+        let seq = sender
+            .send(&msg, &Bytes::from(buf))
+            .await
+            .map_err(|e| BackingError::Remote {
+                op: "upload",
+                reason: format!("outbox refused the chunk: {e}"),
+            })?;
+        offset += n as u64;
+        if offset >= size {
+            return Ok(seq);
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// One tree as set up.
+#[derive(Debug)]
+enum Tree {
+    Mounted(Mounted),
+    Copied { manifest: Manifest, dir: PathBuf },
+}
+
+/// The attached files while the kernel runs; [`AttachedFiles::detach`] at shutdown.
+#[derive(Debug)]
+pub struct AttachedFiles {
+    trees: Vec<Tree>,
+    backing: Arc<ChannelBacking>,
+}
+
+fn dir_err(path: &Path) -> impl FnOnce(std::io::Error) -> FilesError + '_ {
+    move |source| FilesError::Dir {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Makes copied files owned by the notebook user (notebook tree) or read-only for it
+/// (workspace tree).
+fn own_copy(dir: &Path, writable: bool, uid: u32, gid: u32) -> std::io::Result<()> {
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        set_owner(&d, writable, true, uid, gid)?;
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                set_owner(&e.path(), writable, false, uid, gid)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_owner(p: &Path, writable: bool, dir: bool, uid: u32, gid: u32) -> std::io::Result<()> {
+    let mode = match (writable, dir) {
+        (true, true) => 0o755,
+        (true, false) => 0o644,
+        (false, true) => 0o555,
+        (false, false) => 0o444,
+    };
+    if writable && nix::unistd::geteuid().is_root() {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+    }
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+}
+
+impl AttachedFiles {
+    /// Sets up both trees (see the module documentation). A tree that cannot be set up
+    /// is left out (logged); the kernel starts anyway.
+    pub async fn attach(
+        config: &FilesConfig,
+        queries: Queries,
+        sender: Sender,
+        shared: Arc<Shared>,
+    ) -> AttachedFiles {
+        let (backing, requests) = ChannelBacking::new(256, config.timeout + Duration::from_secs(1));
+        tokio::spawn(serve(
+            requests,
+            queries,
+            sender.clone(),
+            shared,
+            config.timeout,
+        ));
+        let backing = Arc::new(backing);
+        let mut files = AttachedFiles {
+            trees: Vec::new(),
+            backing,
+        };
+        let mut copy_reason = match (config.mode, &config.fuse_unavailable) {
+            (FilesMode::Copy, _) => Some("--files-mode copy".to_owned()),
+            (_, Some(why)) => Some(format!("FUSE is not available ({why})")),
+            _ => None,
+        };
+        for (root, dir) in [
+            (FileRoot::Notebook, &config.notebook_dir),
+            (FileRoot::Workspace, &config.workspace_dir),
+        ] {
+            if copy_reason.is_none() {
+                match files.mount_tree(config, root, dir).await {
+                    Ok(m) => {
+                        info!(?root, mountpoint = %dir.display(), passthrough = m.passthrough(), "attached files mounted");
+                        files.trees.push(Tree::Mounted(m));
+                        continue;
+                    }
+                    Err(e @ FilesError::Core { .. }) => {
+                        warn!(?root, error = %e, cause = ?std::error::Error::source(&e).map(|c| c.to_string()), "attached files not available");
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(?root, error = %e, cause = ?std::error::Error::source(&e).map(|c| c.to_string()), "mount failed; copying the files instead");
+                        copy_reason = Some(format!("mounting failed: {e}"));
+                    }
+                }
+            }
+            match files.copy_in(config, root, dir).await {
+                Ok(manifest) => {
+                    info!(?root, dir = %dir.display(), files = manifest.files.len(), "attached files copied");
+                    files.trees.push(Tree::Copied {
+                        manifest,
+                        dir: dir.clone(),
+                    });
+                }
+                Err(e) => {
+                    warn!(?root, error = %e, cause = ?std::error::Error::source(&e).map(|c| c.to_string()), "attached files not available");
+                }
+            }
+        }
+        if let Some(why) = copy_reason {
+            let reason = format!(
+                "attached files are a copy, not a mount, because {why}: {} and {} were copied \
+                 before the kernel started; changes to notebook files are uploaded when the \
+                 agent shuts down, and changes on the server meanwhile are not seen",
+                config.notebook_dir.display(),
+                config.workspace_dir.display()
+            );
+            warn!(%reason, "attached files copied");
+            let notice = Message::OutputGap { cell: None, reason };
+            if let Err(e) = sender.send(&notice, &Bytes::new()).await {
+                warn!(error = %e, "cannot report the copy mode");
+            }
+        }
+        files
+    }
+
+    async fn mount_tree(
+        &self,
+        config: &FilesConfig,
+        root: FileRoot,
+        dir: &Path,
+    ) -> Result<Mounted, FilesError> {
+        let dir = dir.to_owned();
+        let mut fs_config = FsConfig::new(root, config.work_dir.join(root_dir_name(root)));
+        fs_config.uid = config.uid;
+        fs_config.gid = config.gid;
+        let backing: Arc<dyn Backing> = self.backing.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(dir_err(&dir))?;
+            detach_stale(&dir).map_err(|source| FilesError::Mount {
+                root,
+                path: dir.clone(),
+                source,
+            })?;
+            let fs = Fs::new(fs_config, backing, Arc::new(SystemClock))
+                .map_err(|source| FilesError::Core { root, source })?;
+            let mut options = MountOptions::default();
+            options.fsname = format!("nbagent-{}", root_dir_name(root));
+            mount(Arc::new(fs), &dir, &options).map_err(|source| FilesError::Mount {
+                root,
+                path: dir.clone(),
+                source,
+            })
+        })
+        .await?
+    }
+
+    async fn copy_in(
+        &self,
+        config: &FilesConfig,
+        root: FileRoot,
+        dir: &Path,
+    ) -> Result<Manifest, FilesError> {
+        let dir = dir.to_owned();
+        let backing = self.backing.clone();
+        let (uid, gid) = (config.uid, config.gid);
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(dir_err(&dir))?;
+            let manifest = copy_tree(
+                &*backing,
+                root,
+                &dir,
+                nbagent_fusefs::backing::DEFAULT_MAX_ENTRIES,
+                CHUNK as u32,
+            )
+            .map_err(|source| FilesError::Copy {
+                root,
+                path: dir.clone(),
+                source,
+            })?;
+            own_copy(&dir, manifest.writable, uid, gid).map_err(dir_err(&dir))?;
+            Ok(manifest)
+        })
+        .await?
+    }
+
+    /// Where each tree is and whether it is mounted (else copied).
+    pub fn trees(&self) -> Vec<(PathBuf, bool)> {
+        self.trees
+            .iter()
+            .map(|t| match t {
+                Tree::Mounted(m) => (m.mountpoint().to_owned(), true),
+                Tree::Copied { dir, .. } => (dir.clone(), false),
+            })
+            .collect()
+    }
+
+    /// Unmounts the mounted trees and uploads the changed files of the copied ones
+    /// (through the outbox: call before draining it).
+    pub async fn detach(self) {
+        for tree in self.trees {
+            let backing = self.backing.clone();
+            let r = tokio::task::spawn_blocking(move || match tree {
+                Tree::Mounted(m) => {
+                    let at = m.mountpoint().display().to_string();
+                    m.unmount()
+                        .map(|()| format!("unmounted {at}"))
+                        .map_err(|e| format!("unmount of {at} failed: {e}"))
+                }
+                Tree::Copied { manifest, dir } => {
+                    if !manifest.writable {
+                        return Ok(format!("{} is read-only; nothing to sync", dir.display()));
+                    }
+                    sync_back(&*backing, &manifest, &dir)
+                        .map(|r| {
+                            format!(
+                                "synced {}: {} uploaded, {} unchanged",
+                                dir.display(),
+                                r.uploaded.len(),
+                                r.unchanged
+                            )
+                        })
+                        .map_err(|e| format!("sync back of {} failed: {e}", dir.display()))
+                }
+            })
+            .await;
+            match r {
+                Ok(Ok(what)) => info!("attached files: {what}"),
+                Ok(Err(why)) => warn!("attached files: {why}"),
+                Err(e) => warn!(error = %e, "attached files: detach task failed"),
+            }
+        }
+    }
+}
+
+fn root_dir_name(root: FileRoot) -> &'static str {
+    match root {
+        FileRoot::Notebook => "notebook",
+        FileRoot::Workspace => "workspace",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::outbox::{Outbox, OutboxConfig};
+
+    /// A fake server: answers listings with `entries` and reads with "not found".
+    fn fake_server(mut rx: mpsc::Receiver<crate::channel::Query>, entries: Vec<FileEntry>) {
+        tokio::spawn(async move {
+            while let Some(q) = rx.recv().await {
+                let msg = match q.msg {
+                    Message::FileList { request, .. } => Message::FileListing {
+                        request,
+                        writable: true,
+                        entries: entries.clone(),
+                        error: None,
+                    },
+                    Message::FileRead { request, path, .. } => Message::FileData {
+                        request,
+                        offset: 0,
+                        eof: true,
+                        error: Some(format!("{path} not found (version \"v\")")),
+                    },
+                    other => panic!("unexpected query {other:?}"),
+                };
+                let _ = q.reply.send(nbagent_protocol::Frame::control(msg));
+            }
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_go_to_the_outbox_and_show_in_listings_until_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::new(
+            Outbox::open(OutboxConfig::new(dir.path().join("outbox"))).unwrap(),
+            false,
+        );
+        let sender = Sender::new(shared.clone());
+        let (queries, rx) = Queries::new(8);
+        let on_server = FileEntry {
+            path: "a.csv".into(),
+            kind: FileKind::File,
+            size: 1,
+            mtime_ms: 0,
+            version: "old".into(),
+        };
+        fake_server(rx, vec![on_server.clone()]);
+        let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
+        tokio::spawn(serve(
+            requests,
+            queries,
+            sender,
+            shared.clone(),
+            Duration::from_secs(2),
+        ));
+        let staged = dir.path().join("staged");
+        let content: Vec<u8> = (0..CHUNK + CHUNK / 2).map(|i| i as u8).collect();
+        std::fs::write(&staged, &content).unwrap();
+        let b = backing.clone();
+        let (listed, version, listed_again, read) = tokio::task::spawn_blocking(move || {
+            let listed = b.list(FileRoot::Notebook).unwrap();
+            let version = b
+                .upload(FileRoot::Notebook, "a.csv", "old", &staged)
+                .unwrap();
+            let again = b.list(FileRoot::Notebook).unwrap();
+            let read = b.read(FileRoot::Notebook, "gone.csv", "v", 0, 10);
+            (listed, version, again, read)
+        })
+        .await
+        .unwrap();
+        assert_eq!(listed.entries, vec![on_server]);
+        assert_eq!(version, nbagent_fusefs::backing::hash_bytes(&content));
+        // Two chunks in the outbox, and the listing shows the upload, not the server's
+        // older version, until the server acknowledges it.
+        assert_eq!(shared.outbox().pending_count(), 2);
+        assert_eq!(listed_again.entries.len(), 1);
+        assert_eq!(listed_again.entries[0].version, version);
+        assert_eq!(listed_again.entries[0].size, content.len() as u64);
+        assert!(
+            matches!(read, Err(BackingError::NotFound { .. })),
+            "{read:?}"
+        );
+        shared.ack(2).unwrap();
+        let b = backing.clone();
+        let after_ack = tokio::task::spawn_blocking(move || b.list(FileRoot::Notebook).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(after_ack.entries[0].version, "old");
+    }
+}

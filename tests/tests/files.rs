@@ -1,0 +1,360 @@
+//! Attached files end to end: files attached on an in-process `nbserver` appear in the
+//! container through the real FUSE mount of the real `nbagent` (under `nbsupervisor`),
+//! a real ipykernel reads and writes them as `nbuser`, and what it writes reaches the
+//! server, also across a server outage; plus copy mode when FUSE is not used.
+//!
+//! Needs root, `/dev/fuse`, the `nbuser` account and the kernel venv with pandas
+//! (`scripts/setup.sh`); each test says why it skips when they are missing. The mount
+//! points are per test, under a temporary directory (`--notebook-files`,
+//! `--workspace-files`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nbagent_protocol::{CellStatus, FileRoot, Message};
+use nbagent_tests::kernel::{KERNEL_PYTHON, Notebook, Setup, missing_prerequisite, stdout_of};
+use sha2::Digest;
+
+/// One stack at a time (two cores).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const SALES: &str = "city,units,price\nBerlin,120,9.5\nPrague,95,8.0\nAmsterdam,143,10.25\n";
+
+fn skip(test: &str, fuse: bool) -> bool {
+    let why = missing_prerequisite()
+        .or_else(|| {
+            (fuse && !Path::new("/dev/fuse").exists())
+                .then(|| "/dev/fuse does not exist: FUSE mounts are impossible here".to_owned())
+        })
+        .or_else(|| {
+            let ok = std::process::Command::new(KERNEL_PYTHON)
+                .args(["-c", "import pandas"])
+                .status()
+                .is_ok_and(|s| s.success());
+            (!ok).then(|| format!("{KERNEL_PYTHON} cannot import pandas"))
+        });
+    match why {
+        Some(why) => {
+            eprintln!("SKIP {test}: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// A directory for the mount points, reachable by the notebook user.
+struct Mounts {
+    dir: tempfile::TempDir,
+}
+
+impl Mounts {
+    fn new() -> Mounts {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        Mounts { dir }
+    }
+
+    fn notebook(&self) -> PathBuf {
+        self.dir.path().join("notebook_files")
+    }
+
+    fn workspace(&self) -> PathBuf {
+        self.dir.path().join("workspace_files")
+    }
+
+    fn setup(&self, mode: &str, files: Vec<(FileRoot, String, Vec<u8>)>) -> Setup {
+        Setup {
+            env: vec![("NBAGENT_FILES_MODE".into(), mode.into())],
+            agent_args: vec![
+                "--notebook-files".into(),
+                self.notebook().display().to_string(),
+                "--workspace-files".into(),
+                self.workspace().display().to_string(),
+            ],
+            files,
+            ..Setup::default()
+        }
+    }
+}
+
+fn attached() -> Vec<(FileRoot, String, Vec<u8>)> {
+    vec![
+        (FileRoot::Notebook, "sales.csv".into(), SALES.into()),
+        (
+            FileRoot::Notebook,
+            "raw/2024/q1.txt".into(),
+            b"first quarter\n".to_vec(),
+        ),
+        (
+            FileRoot::Workspace,
+            "shared/readme.md".into(),
+            b"# shared\n".to_vec(),
+        ),
+    ]
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Waits until the server has `path` of the notebook tree with content `want`.
+async fn wait_server_file(nb: &Notebook, path: &str, want: &[u8], timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let got = nbserver::files::read(
+            &nb.server.state.store,
+            &nb.server.state.blobs,
+            &nb.agent,
+            FileRoot::Notebook,
+            path,
+        )
+        .await
+        .expect("read server file");
+        if got.as_deref() == Some(want) {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "the server has {path} = {:?}, not the {} bytes written\n--- log:\n{}",
+                got.map(|g| String::from_utf8_lossy(&g).into_owned()),
+                want.len(),
+                nb.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The reference summary the kernel computes from [`SALES`].
+const SUMMARY_CODE: &str = r#"
+import pandas as pd, hashlib, os
+df = pd.read_csv(NB + '/sales.csv')
+df['revenue'] = df.units * df.price
+print('revenue', df.revenue.sum())
+df.to_csv(NB + '/summary.csv', index=False)
+with open(NB + '/summary.csv', 'rb') as f:
+    print('sha256', hashlib.sha256(f.read()).hexdigest())
+st = os.stat(NB + '/summary.csv')
+print('owner', st.st_uid == os.getuid())
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounted_files_read_write_and_refuse() {
+    if skip("mounted_files_read_write_and_refuse", true) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mounts = Mounts::new();
+    let nb = Notebook::start(mounts.setup("mount", attached())).await;
+    nb.wait_kernel_ready(Duration::from_secs(60)).await;
+    let nbdir = mounts.notebook().display().to_string();
+    let wsdir = mounts.workspace().display().to_string();
+    let mount_table = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        mount_table.contains(&nbdir) && mount_table.contains(&wsdir),
+        "both trees are mounted:\n{mount_table}\n--- log:\n{}",
+        nb.log_tail()
+    );
+
+    // pandas reads the attached CSV through the mount; what it writes reaches the server.
+    let out = nb.stdout(&format!("NB = {nbdir:?}\n{SUMMARY_CODE}")).await;
+    assert!(out.contains("revenue 3365.75"), "{out}");
+    assert!(
+        out.contains("owner True"),
+        "files belong to the notebook user: {out}"
+    );
+    let kernel_sha = out
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256 "))
+        .expect("sha256 line")
+        .to_owned();
+    let expected = "city,units,price,revenue\nBerlin,120,9.5,1140.0\nPrague,95,8.0,760.0\nAmsterdam,143,10.25,1465.75\n";
+    assert_eq!(kernel_sha, sha256_hex(expected.as_bytes()));
+    wait_server_file(
+        &nb,
+        "summary.csv",
+        expected.as_bytes(),
+        Duration::from_secs(20),
+    )
+    .await;
+    let record = nb
+        .server
+        .state
+        .store
+        .file(&nb.agent, "notebook", "summary.csv")
+        .await
+        .unwrap()
+        .expect("summary.csv recorded");
+    assert_eq!(record.version, kernel_sha);
+    assert_eq!(record.size, expected.len() as u64);
+
+    // The workspace tree is read-only: EROFS (errno 30), for new and existing files.
+    let out = nb
+        .stdout(&format!(
+            r#"
+import errno
+for p, mode in [({wsdir:?} + '/new.txt', 'w'), ({wsdir:?} + '/shared/readme.md', 'a')]:
+    try:
+        open(p, mode).write('x')
+        print('wrote', p)
+    except OSError as e:
+        print('errno', e.errno, errno.errorcode[e.errno])
+print(open({wsdir:?} + '/shared/readme.md').read().strip())
+"#
+        ))
+        .await;
+    assert_eq!(out.matches("errno 30 EROFS").count(), 2, "{out}");
+    assert!(out.contains("# shared"), "{out}");
+
+    // The mount holds exactly the listed files (and what the kernel wrote); a path
+    // with `..` resolves outside the mount, it does not reach the server's namespace.
+    let out = nb
+        .stdout(&format!(
+            r#"
+import os
+for top in [{nbdir:?}, {wsdir:?}]:
+    for d, dirs, files in sorted(os.walk(top)):
+        for f in sorted(files):
+            print('file', os.path.relpath(os.path.join(d, f), os.path.dirname(top)))
+print('outside', os.path.realpath({nbdir:?} + '/../../x').startswith({nbdir:?}))
+"#
+        ))
+        .await;
+    let mut files: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("file "))
+        .collect();
+    files.sort_unstable();
+    assert_eq!(
+        files,
+        [
+            "notebook_files/raw/2024/q1.txt",
+            "notebook_files/sales.csv",
+            "notebook_files/summary.csv",
+            "workspace_files/shared/readme.md",
+        ],
+        "{out}"
+    );
+    assert!(out.contains("outside False"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_a_server_outage_lands_after_it() {
+    if skip("a_write_during_a_server_outage_lands_after_it", true) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mounts = Mounts::new();
+    let mut nb = Notebook::start(mounts.setup("mount", attached())).await;
+    nb.wait_kernel_ready(Duration::from_secs(60)).await;
+    let nbdir = mounts.notebook().display().to_string();
+    // The cell starts, then the server goes away; the kernel writes 3 MiB while it is
+    // down (several chunks) and the close returns at once.
+    let request = nb
+        .submit(&format!(
+            r#"
+import time, hashlib, os
+print('started', flush=True)
+time.sleep(2)
+data = bytes((i * 7) % 251 for i in range(3 << 20))
+t = time.monotonic()
+with open({nbdir:?} + '/during_outage.bin', 'wb') as f:
+    f.write(data)
+print('closed in', round(time.monotonic() - t, 2))
+print('sha256', hashlib.sha256(data).hexdigest())
+"#
+        ))
+        .await;
+    nb.wait_for("output", Duration::from_secs(30), |m| {
+        m.iter()
+            .any(|s| matches!(&s.msg, Message::Output { output, .. } if format!("{output:?}").contains("started")))
+            .then_some(())
+    })
+    .await;
+    nb.restart_server(Duration::from_secs(6)).await;
+    let r = nb.wait(&request, Duration::from_secs(60)).await;
+    assert_eq!(r.status, CellStatus::Ok, "{:?}", r.outputs);
+    let out = stdout_of(&r);
+    let closed: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("closed in "))
+        .and_then(|s| s.trim().parse().ok())
+        .expect("closed line");
+    assert!(
+        closed < 2.0,
+        "the close waited for the server ({closed} s): {out}"
+    );
+    let data: Vec<u8> = (0..3u64 << 20).map(|i| ((i * 7) % 251) as u8).collect();
+    assert!(
+        out.contains(&format!("sha256 {}", sha256_hex(&data))),
+        "{out}"
+    );
+    wait_server_file(&nb, "during_outage.bin", &data, Duration::from_secs(30)).await;
+    // The agent did lose its session and came back (the upload went through the outbox).
+    let log = std::fs::read_to_string(&nb.log).unwrap();
+    assert!(
+        log.matches("session established").count() >= 2,
+        "the agent never reconnected:\n{}",
+        nb.log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_mode_copies_in_and_syncs_back_at_shutdown() {
+    if skip("copy_mode_copies_in_and_syncs_back_at_shutdown", false) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mounts = Mounts::new();
+    let mut nb = Notebook::start(mounts.setup("copy", attached())).await;
+    nb.wait_kernel_ready(Duration::from_secs(60)).await;
+    let nbdir = mounts.notebook().display().to_string();
+    let mount_table = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mount_table.contains(&nbdir), "copy mode does not mount");
+    let out = nb.stdout(&format!("NB = {nbdir:?}\n{SUMMARY_CODE}")).await;
+    assert!(out.contains("revenue 3365.75"), "{out}");
+    assert!(out.contains("owner True"), "{out}");
+    // The agent said that the files are a copy, and why.
+    let notices = nb.messages("output_gap").await;
+    assert!(
+        notices.iter().any(|s| matches!(&s.msg, Message::OutputGap { reason, .. } if reason.contains("copy") && reason.contains("--files-mode copy"))),
+        "{notices:?}"
+    );
+    // Nothing is uploaded before the shutdown.
+    assert!(
+        nb.server
+            .state
+            .store
+            .file(&nb.agent, "notebook", "summary.csv")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    nb.command(&Message::Shutdown {
+        reason: "test finished".into(),
+        deadline_ms: 10_000,
+    })
+    .await;
+    let status = nb.wait_exit(Duration::from_secs(40)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n--- log:\n{}",
+        nb.log_tail()
+    );
+    let expected = "city,units,price,revenue\nBerlin,120,9.5,1140.0\nPrague,95,8.0,760.0\nAmsterdam,143,10.25,1465.75\n";
+    wait_server_file(
+        &nb,
+        "summary.csv",
+        expected.as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    // The original is untouched.
+    wait_server_file(&nb, "sales.csv", SALES.as_bytes(), Duration::from_secs(1)).await;
+}
