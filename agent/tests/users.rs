@@ -32,7 +32,11 @@ fn notebook_user_is_accepted() {
     let u = UserPolicy::default()
         .authorize(&SystemUserDb, "nbuser", "python3")
         .unwrap();
-    assert_eq!(u.uid, 1001);
+    let expected = nix::unistd::User::from_name("nbuser")
+        .unwrap()
+        .expect("nbuser exists");
+    assert_eq!(u.uid, expected.uid.as_raw());
+    assert_eq!(u.gid, expected.gid.as_raw());
     assert!(u.gids().contains(&u.gid));
     let listed = UserPolicy {
         authorized: vec!["nbuser".into()],
