@@ -233,7 +233,10 @@ pub enum ReactiveError {
 #[derive(Debug)]
 pub struct Checkpointer {
     criu: std::sync::Arc<Criu>,
-    store: Store,
+    store: std::sync::Arc<std::sync::Mutex<Store>>,
+    /// Storing the last dump (chunking, eviction) runs while the next cell does; this
+    /// is its task, awaited before the store is used for anything else that waits.
+    pending: Option<tokio::task::JoinHandle<Result<Vec<CheckpointId>, ReactiveError>>>,
     notebook: String,
     proc_root: PathBuf,
     run_as: Option<RunAs>,
@@ -301,7 +304,8 @@ impl Checkpointer {
         let lazy = lazy && probe.lazy_pages;
         Ok(Self {
             criu: std::sync::Arc::new(criu),
-            store,
+            store: std::sync::Arc::new(std::sync::Mutex::new(store)),
+            pending: None,
             notebook: DEFAULT_NOTEBOOK.into(),
             proc_root: proc_root.to_owned(),
             run_as,
@@ -310,9 +314,30 @@ impl Checkpointer {
         })
     }
 
-    /// The store.
-    pub fn store(&self) -> &Store {
-        &self.store
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        match self.store.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Waits for the background storing of the last dump; returns the checkpoints it
+    /// evicted.
+    async fn settle(&mut self) -> Vec<CheckpointId> {
+        let Some(task) = self.pending.take() else {
+            return Vec::new();
+        };
+        match task.await {
+            Ok(Ok(evicted)) => evicted,
+            Ok(Err(e)) => {
+                warn!(error = %crate::runtime::chain(&e), "storing the last checkpoint failed");
+                Vec::new()
+            }
+            Err(e) => {
+                warn!(error = %e, "the checkpoint storing task failed");
+                Vec::new()
+            }
+        }
     }
 
     fn key(&self, cell: &str, code: &str, predecessor: Option<CheckpointId>) -> CheckpointKey {
@@ -333,8 +358,8 @@ impl Checkpointer {
         predecessor: Option<CheckpointId>,
         reason: &str,
     ) -> Result<CheckpointId, ReactiveError> {
-        let (id, _dir) = self.store.allocate()?;
-        self.store.record(
+        let (id, _dir) = self.lock().allocate()?;
+        self.lock().record(
             id.clone(),
             self.key(cell, code, predecessor),
             Outcome::failed(reason, Duration::ZERO),
@@ -357,9 +382,10 @@ impl Checkpointer {
     ) -> Result<Taken, ReactiveError> {
         let begun = Instant::now();
         self.finish_lazy().await;
+        let evicted = self.settle().await;
         let pids = nbagent_checkpoint::descendants(pid);
         let found = inspect(&self.proc_root, &pids, own_ports);
-        let (id, dir) = self.store.allocate()?;
+        let (id, dir) = self.lock().allocate()?;
         let key = self.key(cell, code, predecessor);
         if !found.tcp.is_empty() {
             let reason = format!(
@@ -367,9 +393,9 @@ impl Checkpointer {
                  closed, so this state is not kept (reactive re-runs re-execute this cell)",
                 found.tcp.join(", ")
             );
-            self.store
+            self.lock()
                 .record(id.clone(), key, Outcome::failed(&reason, begun.elapsed()))?;
-            self.store.mark_not_restorable(&id, reason.clone())?;
+            self.lock().mark_not_restorable(&id, reason.clone())?;
             return Ok(Taken::NotRestorable { id, reason });
         }
         let criu = self.criu.clone();
@@ -406,12 +432,19 @@ impl Checkpointer {
                 if let Err(e) = std::fs::write(dir.join(KERNEL_RECORD), json) {
                     warn!(error = %e, "cannot record the dumped kernel's connection");
                 }
-                self.store.record(
-                    id.clone(),
-                    key,
-                    Outcome::ok(stats.image_bytes, stats.duration),
-                )?;
-                let evicted = self.store.evict(&self.notebook, notebook_cells)?;
+                // Chunking and eviction run while the next cell does.
+                let store = self.store.clone();
+                let (rid, notebook, cells) =
+                    (id.clone(), self.notebook.clone(), notebook_cells.to_vec());
+                let outcome = Outcome::ok(stats.image_bytes, stats.duration);
+                self.pending = Some(tokio::task::spawn_blocking(move || {
+                    let mut store = match store.lock() {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    store.record(rid, key, outcome)?;
+                    Ok(store.evict(&notebook, &cells)?)
+                }));
                 debug!(checkpoint = %id, bytes = stats.image_bytes, "checkpoint taken");
                 Ok(Taken::Created {
                     id,
@@ -422,7 +455,7 @@ impl Checkpointer {
             }
             Err(e) => {
                 let reason = crate::runtime::chain(&e);
-                self.store
+                self.lock()
                     .record(id.clone(), key, Outcome::failed(&reason, begun.elapsed()))?;
                 Ok(Taken::Failed {
                     id,
@@ -436,7 +469,7 @@ impl Checkpointer {
     /// The nearest usable checkpoint at or before cell `k` of `cells` (the notebook's
     /// `(cell id, code hash)` list): `(index of its cell, id)`.
     pub fn nearest(&self, cells: &[(String, String)], k: usize) -> Option<(usize, CheckpointId)> {
-        self.store
+        self.lock()
             .nearest(&self.notebook, cells, k)
             .map(|n| (n.cell_index, n.entry.id))
     }
@@ -444,14 +477,14 @@ impl Checkpointer {
     /// The record of the kernel dumped into checkpoint `id` (its connection info and
     /// log), if it was saved.
     pub fn kernel_record(&self, id: &CheckpointId) -> Option<crate::runtime::KernelRecord> {
-        let bytes = std::fs::read(self.store.dir(id).join(KERNEL_RECORD)).ok()?;
+        let bytes = std::fs::read(self.lock().dir(id).join(KERNEL_RECORD)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
     /// Checks that the files the kernel held open still have the sizes they had at the
     /// checkpoint; `Err` with the reason when one changed.
     pub fn check_files(&self, id: &CheckpointId) -> Result<(), String> {
-        let path = self.store.dir(id).join(OPEN_FILES);
+        let path = self.lock().dir(id).join(OPEN_FILES);
         let Ok(bytes) = std::fs::read(&path) else {
             return Ok(());
         };
@@ -474,7 +507,7 @@ impl Checkpointer {
 
     /// Marks a checkpoint unusable.
     pub fn mark_not_restorable(&mut self, id: &CheckpointId, reason: &str) {
-        if let Err(e) = self.store.mark_not_restorable(id, reason) {
+        if let Err(e) = self.lock().mark_not_restorable(id, reason) {
             warn!(checkpoint = %id, error = %e, "cannot mark the checkpoint");
         }
     }
@@ -495,10 +528,11 @@ impl Checkpointer {
     /// Restores checkpoint `id` (the live kernel must be gone); returns the pid of the
     /// restored init, a child of this process.
     pub async fn restore(&mut self, id: &CheckpointId) -> Result<(i32, Duration), ReactiveError> {
+        self.settle().await;
         self.check_files(id).map_err(ReactiveError::Unsafe)?;
         let criu = self.criu.clone();
         // Deduplicated images are rebuilt (unless this is the hot checkpoint).
-        let images = self.store.images(id)?;
+        let images = self.lock().images(id)?;
         if let Some(m) = &images.materialised {
             debug!(checkpoint = %id, stats = ?m, "images rebuilt from chunks");
         }
