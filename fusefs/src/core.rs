@@ -1071,12 +1071,21 @@ impl Fs {
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         let mut st = self.lock();
         let ino = st.handles.get(&fh).ok_or(FsError::BadHandle(fh))?.ino;
+        // Another writer still open may write through passthrough after this check
+        // without the daemon seeing it (the kernel sends the RELEASE of an old handle
+        // asynchronously): only the last writer may find the content unchanged.
+        let other_writers = st
+            .handles
+            .iter()
+            .filter(|(h, handle)| **h != fh && handle.ino == ino && handle.write)
+            .count();
         // Unchanged content (passthrough writers that wrote nothing) is not uploaded.
-        if let Some(Inode {
-            content: Content::Staged(s),
-            in_backing: true,
-            ..
-        }) = st.inodes.get_mut(&ino)
+        if other_writers == 0
+            && let Some(Inode {
+                content: Content::Staged(s),
+                in_backing: true,
+                ..
+            }) = st.inodes.get_mut(&ino)
             && s.dirty
             && !s.base_version.is_empty()
         {

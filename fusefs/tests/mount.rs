@@ -107,10 +107,16 @@ fn read_and_write_through_a_mount() {
         .unwrap();
     f.write_all(b"gamma,3\n").unwrap();
     drop(f);
-    assert_eq!(
-        fs::read_to_string(b.join("data/t.csv")).unwrap(),
-        "name,value\ngamma,3\n"
-    );
+    // The kernel sends RELEASE of the previous handle asynchronously after close(2):
+    // wait (bounded) for the backing rather than assume the order of the two uploads.
+    let want = "name,value\ngamma,3\n";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while fs::read_to_string(b.join("data/t.csv")).unwrap() != want
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(fs::read_to_string(b.join("data/t.csv")).unwrap(), want);
     // Namespace operations reach the backing.
     fs::create_dir(mnt.join("out")).unwrap();
     fs::rename(mnt.join("data/out.bin"), mnt.join("out/moved.bin")).unwrap();

@@ -707,6 +707,15 @@ async fn store_chunks<W: AsyncWrite + Unpin>(
                     .await?;
                 debug!(%agent, hash = %c.hash, size, "blob stored");
             }
+            Ok(ChunkOutcome::AlreadyPresent) if c.offset + c.payload.len() as u64 >= c.total => {
+                // The last chunk of a blob already on disk: a server killed between
+                // storing the file and recording it would otherwise never record it
+                // (the resent messages are duplicates). Recording is idempotent.
+                state
+                    .store
+                    .record_blob(&c.hash, c.total, &c.media_type, now_secs())
+                    .await?;
+            }
             Ok(_) => {}
             Err(e) => {
                 // The agent computed the hash; a mismatch is corruption or a bug. Keep
