@@ -68,6 +68,12 @@ pub struct InitConfig {
     pub env: BTreeMap<String, String>,
     /// Working directory of the kernel.
     pub cwd: PathBuf,
+    /// Working directory of the init itself [default: `cwd`]. CRIU's parasite makes a
+    /// scratch directory (`proc.crtools`) there during every dump, so it should be a
+    /// directory of this kernel alone: two kernels of one user dumped at once would
+    /// otherwise race for the same name in the shared home.
+    #[serde(default)]
+    pub init_cwd: Option<PathBuf>,
     /// The notebook user's name.
     pub user: String,
     /// Its uid.
@@ -396,8 +402,10 @@ where
     sys.init_become_user(config.uid, config.gid, &config.groups)
         .map_err(privileges)?;
     // CRIU's parasite creates (and removes) a scratch directory for the namespace's
-    // procfs in the root task's working directory: it must be the user's.
-    sys.chdir(&config.cwd).map_err(privileges)?;
+    // procfs in the root task's working directory: it must be the user's, and this
+    // kernel's alone.
+    sys.chdir(config.init_cwd.as_ref().unwrap_or(&config.cwd))
+        .map_err(privileges)?;
     Ok((Pid::from_raw(pid), mask))
 }
 
@@ -477,12 +485,22 @@ mod tests {
             argv: vec!["/bin/true".into()],
             env: BTreeMap::new(),
             cwd: "/home/nbuser".into(),
+            init_cwd: Some("/run/nbagent/kernel-1".into()),
             user: "nbuser".into(),
             uid: 1001,
             gid: 1001,
             groups: vec![1001, 100],
             report_fd: None,
         }
+    }
+
+    #[test]
+    fn config_without_init_cwd_still_parses() {
+        let mut json = serde_json::to_value(config()).unwrap();
+        json.as_object_mut().unwrap().remove("init_cwd");
+        let parsed: InitConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(parsed.init_cwd, None);
+        assert_eq!(parsed.cwd, config().cwd);
     }
 
     #[test]

@@ -297,6 +297,10 @@ pub struct LaunchConfig {
     pub user: UserInfo,
     /// Working directory [default: the user's home].
     pub cwd: Option<PathBuf>,
+    /// Working directory of the kernel's init [default: the kernel's]. Give it a
+    /// directory of this kernel alone, writable by its user: CRIU's parasite creates a
+    /// scratch directory there during dumps.
+    pub init_cwd: Option<PathBuf>,
     /// The kernel log (stdout and stderr), opened `O_APPEND | O_CREAT`, mode 0600.
     pub log_path: PathBuf,
     /// The executable run as the init with `__kernel-init` [default: `/proc/self/exe`].
@@ -322,6 +326,7 @@ impl LaunchConfig {
             env,
             user,
             cwd: None,
+            init_cwd: None,
             log_path: log_path.into(),
             init_exe: "/proc/self/exe".into(),
             proc_root: "/proc".into(),
@@ -675,6 +680,7 @@ pub fn launch(config: &LaunchConfig) -> Result<KernelProcess, LaunchError> {
             .cwd
             .clone()
             .unwrap_or_else(|| config.user.home.clone()),
+        init_cwd: config.init_cwd.clone(),
         user: config.user.name.clone(),
         uid: config.user.uid,
         gid: config.user.gid,

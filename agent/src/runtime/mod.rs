@@ -966,6 +966,7 @@ impl Runtime {
             user.clone(),
             log.clone(),
         );
+        launch_cfg.init_cwd = Some(conn_dir.clone());
         launch_cfg.init_exe = self.cfg.init_exe.clone();
         launch_cfg.proc_root = self.cfg.proc_root.clone();
         launch_cfg.start_timeout = self.cfg.start_timeout;

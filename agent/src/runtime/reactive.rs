@@ -247,6 +247,33 @@ pub struct Checkpointer {
 }
 
 /// Gives `dir` and everything in it to `uid:gid` with the given modes.
+/// The scratch directory CRIU's parasite makes in the dumped root task's working
+/// directory to mount the namespace's procfs (`criu/pie/parasite.c`).
+const CRIU_PROC_SCRATCH: &str = "proc.crtools";
+
+/// Removes a scratch directory that a dump killed half-way left in the working
+/// directory of `pid` (the kernel's init): CRIU's parasite `mkdir`s it without
+/// `O_EXCL`-style recovery, so a leftover would fail every later dump. Only an empty
+/// directory is removed (detaching a procfs still mounted there first).
+fn clear_stale_proc_scratch(proc_root: &Path, pid: i32) {
+    let Ok(cwd) = std::fs::read_link(proc_root.join(pid.to_string()).join("cwd")) else {
+        return;
+    };
+    let scratch = cwd.join(CRIU_PROC_SCRATCH);
+    if std::fs::symlink_metadata(&scratch).is_err() {
+        return;
+    }
+    let _ = nix::mount::umount2(&scratch, nix::mount::MntFlags::MNT_DETACH);
+    match std::fs::remove_dir(&scratch) {
+        Ok(()) => {
+            warn!(dir = %scratch.display(), "removed a scratch directory an earlier dump left")
+        }
+        Err(e) => {
+            warn!(dir = %scratch.display(), error = %e, "cannot remove a scratch directory an earlier dump left; the dump will fail")
+        }
+    }
+}
+
 fn own_tree(dir: &Path, uid: u32, gid: u32, dir_mode: u32, file_mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
@@ -401,7 +428,9 @@ impl Checkpointer {
         let criu = self.criu.clone();
         let images = dir.clone();
         let run_as = self.run_as;
+        let proc_root = self.proc_root.clone();
         let dumped = tokio::task::spawn_blocking(move || {
+            clear_stale_proc_scratch(&proc_root, pid);
             if let Some(u) = run_as {
                 own_tree(&images, u.uid, u.gid, 0o700, 0o600).map_err(|source| {
                     nbagent_checkpoint::CriuError::Io {
@@ -555,6 +584,26 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_stale_scratch_directory_is_removed_and_user_files_are_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let cwd = root.path().join("kernel-1");
+        std::fs::create_dir_all(cwd.join(CRIU_PROC_SCRATCH)).unwrap();
+        std::fs::create_dir_all(root.path().join("proc/7")).unwrap();
+        std::os::unix::fs::symlink(&cwd, root.path().join("proc/7/cwd")).unwrap();
+        clear_stale_proc_scratch(&root.path().join("proc"), 7);
+        assert!(!cwd.join(CRIU_PROC_SCRATCH).exists());
+        assert!(cwd.exists());
+
+        // A non-empty directory of that name is not ours to remove.
+        std::fs::create_dir_all(cwd.join(CRIU_PROC_SCRATCH)).unwrap();
+        std::fs::write(cwd.join(CRIU_PROC_SCRATCH).join("keep"), b"x").unwrap();
+        clear_stale_proc_scratch(&root.path().join("proc"), 7);
+        assert!(cwd.join(CRIU_PROC_SCRATCH).join("keep").exists());
+        // No such process: nothing happens.
+        clear_stale_proc_scratch(&root.path().join("proc"), 8);
+    }
 
     #[test]
     fn tcp_rows_parse() {
