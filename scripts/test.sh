@@ -8,6 +8,9 @@ if [ -z "${NBSERVER_TEST_POSTGRES_URL:-}" ]; then
   NBSERVER_TEST_POSTGRES_URL=$(scripts/postgres.sh | tail -n 1)
   export NBSERVER_TEST_POSTGRES_URL
 fi
+# Everything the tests need is installed above: a test that would skip for want of
+# root, FUSE, CRIU, the venv or the users fails instead (set 0 to allow skips).
+export NBAGENT_TEST_REQUIRE="${NBAGENT_TEST_REQUIRE:-1}"
 echo "test: PostgreSQL at $NBSERVER_TEST_POSTGRES_URL" >&2
 # End-to-end tests start the real binaries.
 cargo build --workspace --bins

@@ -4,6 +4,8 @@
 //! /dev/null, no JPY_PARENT_PID) and kills it at the end. Tests skip, saying why, when
 //! that Python is missing.
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -34,7 +36,9 @@ impl Kernel {
     /// Starts a kernel, or says why it cannot and returns `None`.
     fn start() -> Option<Kernel> {
         if !Path::new(PYTHON).exists() {
-            eprintln!("skipping: {PYTHON} not found (the kernel venv is not installed)");
+            common::say_skip(&format!(
+                "skipping: {PYTHON} not found (the kernel venv is not installed)"
+            ));
             return None;
         }
         let info = new_connection_info("127.0.0.1", "python3").expect("connection info");

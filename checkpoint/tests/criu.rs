@@ -202,7 +202,7 @@ fn lazy_restore_serves_pages_through_the_daemon() {
         return;
     };
     if !criu.probe().unwrap().lazy_pages {
-        eprintln!("skipping lazy_restore_serves_pages_through_the_daemon: no uffd-noncoop");
+        common::say_skip("skipping lazy_restore_serves_pages_through_the_daemon: no uffd-noncoop");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

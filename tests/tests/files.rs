@@ -37,7 +37,7 @@ fn skip(test: &str, fuse: bool) -> bool {
         });
     match why {
         Some(why) => {
-            eprintln!("SKIP {test}: {why}");
+            nbagent_tests::say_skip(&format!("SKIP {test}: {why}"));
             true
         }
         None => false,

@@ -26,7 +26,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 fn skip(test: &str) -> bool {
     match missing_prerequisite() {
         Some(why) => {
-            eprintln!("SKIP {test}: {why}");
+            nbagent_tests::say_skip(&format!("SKIP {test}: {why}"));
             true
         }
         None => false,
@@ -479,7 +479,9 @@ async fn refused_users() {
         return;
     }
     if !matches!(nix::unistd::User::from_name("nbsudoer"), Ok(Some(_))) {
-        eprintln!("SKIP refused_users: user nbsudoer does not exist (scripts/setup.sh creates it)");
+        nbagent_tests::say_skip(
+            "SKIP refused_users: user nbsudoer does not exist (scripts/setup.sh creates it)",
+        );
         return;
     }
     let _serial = SERIAL.lock().await;

@@ -27,7 +27,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 fn skip(test: &str, why: Option<String>) -> bool {
     match why {
         Some(why) => {
-            eprintln!("SKIP {test}: {why}");
+            nbagent_tests::say_skip(&format!("SKIP {test}: {why}"));
             true
         }
         None => false,

@@ -28,7 +28,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// machine cannot run the test.
 pub fn criu_or_skip(test: &str) -> Option<Criu> {
     let skip = |why: String| {
-        eprintln!("skipping {test}: {why}");
+        say_skip(&format!("skipping {test}: {why}"));
         None
     };
     if !nix::unistd::Uid::effective().is_root() {
@@ -242,4 +242,15 @@ fn spawn_state_with(dir: &Path, mb: u32, prefix: &[&str]) -> (Tree, Ctl) {
         || ctl.join("ready").exists().then_some(()),
     );
     (tree, Ctl { dir: ctl, n: 0 })
+}
+
+/// Says why a test cannot run on this machine; with `NBAGENT_TEST_REQUIRE=1` (CI and
+/// `scripts/test.sh`, which install everything) a skip is a failure instead.
+pub fn say_skip(msg: &str) {
+    let required = std::env::var("NBAGENT_TEST_REQUIRE").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "{msg}; NBAGENT_TEST_REQUIRE=1 says this machine must run it"
+    );
+    eprintln!("{msg}");
 }

@@ -3,7 +3,7 @@
 //! memory and the cost of re-executing the cells.
 //!
 //! ```text
-//! cargo run --release -p nbagent-checkpoint --example bench [-- SIZES_MB [dir]]
+//! cargo run --release -p nbagent-checkpoint --example checkpoint-bench [-- SIZES_MB [dir]]
 //! ```
 //!
 //! `SIZES_MB` is a comma-separated list (default `50,500,2048`). Needs root, CRIU

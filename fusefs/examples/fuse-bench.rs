@@ -1,7 +1,7 @@
 //! Benchmark: the attached-files mount over a local-directory backing, side by side with
 //! the native filesystem. Not a test; prints a table.
 //!
-//! `cargo run --release -p nbagent-fusefs --example bench -- [SIZE_MIB] [FILES]`
+//! `cargo run --release -p nbagent-fusefs --example fuse-bench -- [SIZE_MIB] [FILES]`
 //! (defaults 1024 and 10000). Needs root and /dev/fuse.
 
 use std::fs::{self, File};
