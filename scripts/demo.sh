@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job: build, then run nbserver's demo: a server with embedded defaults, a
-# local nbagent that enrols with a single-use token, connects over mutual TLS and
-# streams a workload of outputs and blobs; then print what the server stored.
+# The main job: build, then run nbserver's demo: a server with embedded defaults and a
+# local nbsupervisor -> nbagent that enrols with a single-use token, connects over
+# mutual TLS, mounts the notebook's attached files, runs examples/sample.ipynb in a real
+# ipykernel as the notebook user, checkpoints after every cell, re-runs from an edited
+# cell by restoring a checkpoint; then print what the server stored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
