@@ -183,6 +183,7 @@ pub fn files_config(args: &AgentArgs) -> Option<files::FilesConfig> {
         uid,
         gid,
         timeout: Duration::from_secs(args.files_timeout_secs.max(1)),
+        max_file_size: args.files_max_size,
         fuse_unavailable,
     })
 }
