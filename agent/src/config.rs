@@ -193,6 +193,11 @@ pub struct AgentArgs {
     #[arg(long, env = "NBAGENT_FILES_MAX_SIZE", default_value_t = crate::files::DEFAULT_MAX_FILE_SIZE)]
     pub files_max_size: u64,
 
+    /// How long the mounts believe a listing of the attached files (and a negative
+    /// lookup) before asking the server again, seconds.
+    #[arg(long, env = "NBAGENT_FILES_TTL_SECS", default_value_t = 60)]
+    pub files_ttl_secs: u64,
+
     /// Log format.
     #[arg(long, env = "NBAGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -71,6 +71,8 @@ pub struct FilesConfig {
     pub timeout: Duration,
     /// Largest file size accepted from the server ([`DEFAULT_MAX_FILE_SIZE`]).
     pub max_file_size: u64,
+    /// How long a mount believes a listing (and a negative lookup).
+    pub ttl: Duration,
     /// Why FUSE cannot be used here, if it cannot (from the capability probe).
     pub fuse_unavailable: Option<String>,
 }
@@ -761,6 +763,8 @@ impl AttachedFiles {
         let mut fs_config = FsConfig::new(root, config.work_dir.join(root_dir_name(root)));
         fs_config.uid = config.uid;
         fs_config.gid = config.gid;
+        fs_config.attr_ttl = config.ttl;
+        fs_config.negative_ttl = config.ttl;
         let backing: Arc<dyn Backing> = self.backing.clone();
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(dir_err(&dir))?;
