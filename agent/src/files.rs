@@ -10,7 +10,11 @@
 //!   reads become `file_list`/`file_read` queries over the channel (waiting at most the
 //!   configured timeout, after which the kernel sees `EIO`), uploads become sequenced
 //!   `file_chunk` messages appended to the durable outbox, so a closed file is safe on
-//!   local disk at once and reaches the server whenever it is reachable.
+//!   local disk at once and reaches the server whenever it is reachable. `mkdir`,
+//!   `rename`, `unlink` and `rmdir` become `file_mkdir`/`file_rename`/`file_remove` in
+//!   the same outbox (in order with the uploads), carrying the versions the kernel saw;
+//!   until the server acknowledges them, every listing is shown with them replayed.
+//!   Sizes and read answers beyond [`ServeLimits`] are refused, not trusted.
 //! - **copy** (no FUSE, or `--files-mode copy`): the trees are copied into the same
 //!   paths, and changed notebook files are uploaded at shutdown; the agent says so in
 //!   its log and in an `output_gap` notice.

@@ -4,7 +4,9 @@
 //!
 //! The agent lists a tree with `file_list`, reads byte ranges with `file_read`, and
 //! uploads what the kernel writes with sequenced `file_chunk` messages (assembled and
-//! verified like blobs, recorded by [`record_upload`]). Operators attach files with
+//! verified like blobs); uploads and the kernel's `file_mkdir`/`file_remove`/`file_rename`
+//! become [`FileChange`]s ([`upload_change`], [`namespace_change`]) that the store applies
+//! in the transaction storing their messages. Operators attach files with
 //! [`put_path`] (`nbserver files put`).
 
 use std::collections::BTreeSet;
