@@ -188,6 +188,16 @@ pub struct AgentArgs {
     #[arg(long, env = "NBAGENT_FILES_TIMEOUT_SECS", default_value_t = 10)]
     pub files_timeout_secs: u64,
 
+    /// Largest attached file the server may list, bytes: a bigger size is refused (the
+    /// kernel gets EIO) rather than trusted (default 1 TiB).
+    #[arg(long, env = "NBAGENT_FILES_MAX_SIZE", default_value_t = crate::files::DEFAULT_MAX_FILE_SIZE)]
+    pub files_max_size: u64,
+
+    /// How long the mounts believe a listing of the attached files (and a negative
+    /// lookup) before asking the server again, seconds.
+    #[arg(long, env = "NBAGENT_FILES_TTL_SECS", default_value_t = 60)]
+    pub files_ttl_secs: u64,
+
     /// Log format.
     #[arg(long, env = "NBAGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -10,12 +10,16 @@
 //!   reads become `file_list`/`file_read` queries over the channel (waiting at most the
 //!   configured timeout, after which the kernel sees `EIO`), uploads become sequenced
 //!   `file_chunk` messages appended to the durable outbox, so a closed file is safe on
-//!   local disk at once and reaches the server whenever it is reachable.
+//!   local disk at once and reaches the server whenever it is reachable. `mkdir`,
+//!   `rename`, `unlink` and `rmdir` become `file_mkdir`/`file_rename`/`file_remove` in
+//!   the same outbox (in order with the uploads), carrying the versions the kernel saw;
+//!   until the server acknowledges them, every listing is shown with them replayed.
+//!   Sizes and read answers beyond [`ServeLimits`] are refused, not trusted.
 //! - **copy** (no FUSE, or `--files-mode copy`): the trees are copied into the same
 //!   paths, and changed notebook files are uploaded at shutdown; the agent says so in
 //!   its log and in an `output_gap` notice.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -69,6 +73,10 @@ pub struct FilesConfig {
     pub gid: u32,
     /// How long one listing or read may wait for the server.
     pub timeout: Duration,
+    /// Largest file size accepted from the server ([`DEFAULT_MAX_FILE_SIZE`]).
+    pub max_file_size: u64,
+    /// How long a mount believes a listing (and a negative lookup).
+    pub ttl: Duration,
     /// Why FUSE cannot be used here, if it cannot (from the capability probe).
     pub fuse_unavailable: Option<String>,
 }
@@ -122,12 +130,129 @@ pub enum FilesError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Uploads queued in the outbox but perhaps not yet stored by the server: shown in
-/// listings until the server acknowledges them, so a re-listing does not hide a file
-/// the kernel just wrote.
+/// Largest file size believed from the server by default (1 TiB): a listing with a
+/// bigger entry is refused.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 1 << 40;
+
+/// How far [`serve`] trusts and waits for the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// How long one listing or read may wait for the server.
+    pub timeout: Duration,
+    /// Largest file size accepted in a listing.
+    pub max_file_size: u64,
+}
+
+/// A change of the notebook tree queued in the outbox, as the listing should show it
+/// until the server has stored it.
+#[derive(Debug, Clone, PartialEq)]
+enum Change {
+    /// An uploaded file or a created directory.
+    Put(FileEntry),
+    /// A removed file or (empty) directory.
+    Remove(String),
+    /// A renamed file or directory (with everything below it), replacing `to`.
+    Rename { from: String, to: String },
+}
+
+/// Whether `path` is `top` or lies below it.
+fn at_or_below(top: &str, path: &str) -> bool {
+    path.strip_prefix(top)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Adds the directories above `path` that `tree` lacks.
+fn ensure_parents(tree: &mut BTreeMap<String, FileEntry>, path: &str, mtime_ms: i64) {
+    let mut end = 0;
+    while let Some(i) = path[end..].find('/') {
+        let dir = &path[..end + i];
+        tree.entry(dir.to_owned()).or_insert_with(|| FileEntry {
+            path: dir.to_owned(),
+            kind: FileKind::Dir,
+            size: 0,
+            mtime_ms,
+            version: String::new(),
+        });
+        end += i + 1;
+    }
+}
+
+impl Change {
+    /// Applies the change to a tree (path -> entry). Applying it to a tree that already
+    /// has it (the server stored it before acknowledging) changes nothing more.
+    fn apply(&self, tree: &mut BTreeMap<String, FileEntry>) {
+        match self {
+            Change::Put(e) => {
+                ensure_parents(tree, &e.path, e.mtime_ms);
+                tree.insert(e.path.clone(), e.clone());
+            }
+            Change::Remove(path) => tree.retain(|k, _| !at_or_below(path, k)),
+            Change::Rename { from, to } => {
+                let moved: Vec<FileEntry> = tree
+                    .iter()
+                    .filter(|(k, _)| at_or_below(from, k))
+                    .map(|(_, e)| e.clone())
+                    .collect();
+                let Some(first) = moved.first() else {
+                    return;
+                };
+                ensure_parents(tree, to, first.mtime_ms);
+                tree.retain(|k, _| !at_or_below(from, k) && !at_or_below(to, k));
+                for mut e in moved {
+                    e.path = format!("{to}{}", &e.path[from.len()..]);
+                    tree.insert(e.path.clone(), e);
+                }
+            }
+        }
+    }
+}
+
+/// Changes queued in the outbox but perhaps not yet stored by the server: applied to
+/// every listing until the server acknowledges them, so a re-listing neither hides a
+/// file the kernel just wrote or a directory it just made, nor brings back what it
+/// removed or renamed.
 #[derive(Debug, Default)]
 struct Pending {
-    uploads: HashMap<(FileRoot, String), (u64, FileEntry)>,
+    /// `(sequence number of the change's last message, tree, change)`, oldest first.
+    changes: Vec<(u64, FileRoot, Change)>,
+    /// Each tree as last shown to the filesystem core (the server's listing with the
+    /// pending changes applied): the versions the kernel saw.
+    shown: HashMap<FileRoot, BTreeMap<String, FileEntry>>,
+}
+
+impl Pending {
+    /// The version of the file at `path` as the kernel saw it (empty if none).
+    fn version_of(&self, root: FileRoot, path: &str) -> String {
+        self.shown
+            .get(&root)
+            .and_then(|t| t.get(path))
+            .filter(|e| e.kind == FileKind::File)
+            .map(|e| e.version.clone())
+            .unwrap_or_default()
+    }
+
+    fn record(&mut self, seq: u64, root: FileRoot, change: Change) {
+        change.apply(self.shown.entry(root).or_default());
+        self.changes.push((seq, root, change));
+    }
+
+    /// Forgets the changes the server had stored when the listing was asked for
+    /// (`acked`), and applies the others to `listing`.
+    fn overlay(&mut self, root: FileRoot, listing: &mut Listing, acked: u64) {
+        self.changes.retain(|(seq, _, _)| *seq > acked);
+        let mut tree: BTreeMap<String, FileEntry> = listing
+            .entries
+            .drain(..)
+            .map(|e| (e.path.clone(), e))
+            .collect();
+        for (_, r, change) in &self.changes {
+            if *r == root {
+                change.apply(&mut tree);
+            }
+        }
+        listing.entries = tree.values().cloned().collect();
+        self.shown.insert(root, tree);
+    }
 }
 
 /// Answers the requests of a [`ChannelBacking`] until its senders are gone.
@@ -136,7 +261,7 @@ pub async fn serve(
     queries: Queries,
     sender: Sender,
     shared: Arc<Shared>,
-    timeout: Duration,
+    limits: ServeLimits,
 ) {
     let pending = Arc::new(Mutex::new(Pending::default()));
     while let Some(req) = requests.recv().await {
@@ -147,7 +272,7 @@ pub async fn serve(
             pending.clone(),
         );
         tokio::spawn(async move {
-            answer(req, &queries, &sender, &shared, &pending, timeout).await;
+            answer(req, &queries, &sender, &shared, &pending, limits).await;
         });
     }
 }
@@ -176,23 +301,14 @@ async fn answer(
     sender: &Sender,
     shared: &Shared,
     pending: &Mutex<Pending>,
-    timeout: Duration,
+    limits: ServeLimits,
 ) {
     match req {
         BackingRequest::List { root, reply } => {
-            let r = list(queries, root, timeout).await.map(|mut listing| {
-                let acked = shared.outbox().window().acked();
-                let mut p = lock(pending);
-                p.uploads.retain(|_, (seq, _)| *seq > acked);
-                for ((r, path), (_, entry)) in &p.uploads {
-                    if *r != root {
-                        continue;
-                    }
-                    match listing.entries.iter_mut().find(|e| &e.path == path) {
-                        Some(e) => *e = entry.clone(),
-                        None => listing.entries.push(entry.clone()),
-                    }
-                }
+            // What the server had stored before it was asked is in its answer.
+            let acked = shared.outbox().window().acked();
+            let r = list(queries, root, limits).await.map(|mut listing| {
+                lock(pending).overlay(root, &mut listing, acked);
                 listing
             });
             reply.send(r);
@@ -204,7 +320,7 @@ async fn answer(
             offset,
             len,
             reply,
-        } => reply.send(read(queries, root, &path, &version, offset, len, timeout).await),
+        } => reply.send(read(queries, root, &path, &version, offset, len, limits.timeout).await),
         BackingRequest::Upload {
             root,
             path,
@@ -212,38 +328,129 @@ async fn answer(
             staged,
             reply,
         } => {
-            let r = upload(sender, root, &path, &base_version, &staged).await;
+            let r = match root {
+                FileRoot::Workspace => Err(BackingError::ReadOnly),
+                _ => upload(sender, root, &path, &base_version, &staged).await,
+            };
             if let Ok((seq, entry)) = &r {
-                lock(pending)
-                    .uploads
-                    .insert((root, path.clone()), (*seq, entry.clone()));
+                lock(pending).record(*seq, root, Change::Put(entry.clone()));
             }
             reply.send(r.map(|(_, e)| e.version));
         }
-        // Directories are implicit on the server: they exist while files are below them.
-        BackingRequest::Mkdir { reply, .. } => reply.send(Ok(())),
-        BackingRequest::Remove { reply, .. } => reply.send(Err(unsupported("remove"))),
-        BackingRequest::Rename { reply, .. } => reply.send(Err(unsupported("rename"))),
+        BackingRequest::Mkdir { root, path, reply } => {
+            let change = Change::Put(FileEntry {
+                path: path.clone(),
+                kind: FileKind::Dir,
+                size: 0,
+                mtime_ms: now_ms(),
+                version: String::new(),
+            });
+            let msg = Message::FileMkdir { root, path };
+            reply.send(queue_change(sender, pending, "mkdir", root, msg, change).await);
+        }
+        BackingRequest::Remove {
+            root,
+            path,
+            kind,
+            reply,
+        } => {
+            let base_version = lock(pending).version_of(root, &path);
+            let msg = Message::FileRemove {
+                root,
+                path: path.clone(),
+                kind,
+                base_version,
+            };
+            let change = Change::Remove(path);
+            reply.send(queue_change(sender, pending, "remove", root, msg, change).await);
+        }
+        BackingRequest::Rename {
+            root,
+            from,
+            to,
+            reply,
+        } => {
+            let (base_version, replaced_version) = {
+                let p = lock(pending);
+                (p.version_of(root, &from), p.version_of(root, &to))
+            };
+            let msg = Message::FileRename {
+                root,
+                from: from.clone(),
+                to: to.clone(),
+                base_version,
+                replaced_version,
+            };
+            let change = Change::Rename { from, to };
+            reply.send(queue_change(sender, pending, "rename", root, msg, change).await);
+        }
         other => {
             warn!(request = ?other, "backing request not supported; dropped");
         }
     }
 }
 
-fn unsupported(op: &'static str) -> BackingError {
-    BackingError::Remote {
-        op,
-        reason: "not supported by the server yet".into(),
+/// Appends a namespace change to the outbox (a local write: the kernel does not wait
+/// for the server) and shows it in listings until the server acknowledges it.
+async fn queue_change(
+    sender: &Sender,
+    pending: &Mutex<Pending>,
+    op: &'static str,
+    root: FileRoot,
+    msg: Message,
+    change: Change,
+) -> Result<(), BackingError> {
+    if root == FileRoot::Workspace {
+        return Err(BackingError::ReadOnly);
     }
+    let seq = sender
+        .send(&msg, &Bytes::new())
+        .await
+        .map_err(|e| BackingError::Remote {
+            op,
+            reason: format!("outbox refused the change: {e}"),
+        })?;
+    info!(?root, change = ?change, seq, "file change queued");
+    lock(pending).record(seq, root, change);
+    Ok(())
+}
+
+/// Refuses a listing with a file bigger than `max` (a size the core would otherwise
+/// trust, for attributes and reads).
+fn check_sizes(entries: &[FileEntry], max: u64) -> Result<(), BackingError> {
+    match entries.iter().find(|e| e.size > max) {
+        Some(e) => {
+            let reason = format!(
+                "the server listed {:?} with {} bytes, more than the {max} accepted",
+                e.path, e.size
+            );
+            warn!(%reason, "file listing refused");
+            Err(BackingError::Untrusted { op: "list", reason })
+        }
+        None => Ok(()),
+    }
+}
+
+/// Refuses a `file_data` answer longer than what was asked.
+fn check_reply_len(path: &str, got: usize, asked: u32) -> Result<(), BackingError> {
+    if got as u64 > u64::from(asked) {
+        let reason = format!("the server answered {got} bytes to a read of {asked} of {path:?}");
+        warn!(%reason, "file read refused");
+        return Err(BackingError::Untrusted { op: "read", reason });
+    }
+    Ok(())
 }
 
 async fn list(
     queries: &Queries,
     root: FileRoot,
-    timeout: Duration,
+    limits: ServeLimits,
 ) -> Result<Listing, BackingError> {
     let frame = queries
-        .ask(|request| Message::FileList { request, root }, timeout)
+        .ask(
+            |request| Message::FileList { request, root },
+            limits.timeout,
+        )
         .await
         .map_err(|e| query_error("list", e))?;
     match frame.envelope.msg {
@@ -252,7 +459,10 @@ async fn list(
             entries,
             error: None,
             ..
-        } => Ok(Listing { writable, entries }),
+        } => {
+            check_sizes(&entries, limits.max_file_size)?;
+            Ok(Listing { writable, entries })
+        }
         Message::FileListing {
             error: Some(reason),
             ..
@@ -304,6 +514,7 @@ async fn read(
                 });
             }
             Message::FileData { eof, .. } => {
+                check_reply_len(path, frame.payload.len(), want)?;
                 out.extend_from_slice(&frame.payload);
                 if eof || frame.payload.is_empty() {
                     break;
@@ -480,7 +691,10 @@ impl AttachedFiles {
             queries,
             sender.clone(),
             shared,
-            config.timeout,
+            ServeLimits {
+                timeout: config.timeout,
+                max_file_size: config.max_file_size,
+            },
         ));
         let backing = Arc::new(backing);
         let mut files = AttachedFiles {
@@ -553,6 +767,8 @@ impl AttachedFiles {
         let mut fs_config = FsConfig::new(root, config.work_dir.join(root_dir_name(root)));
         fs_config.uid = config.uid;
         fs_config.gid = config.gid;
+        fs_config.attr_ttl = config.ttl;
+        fs_config.negative_ttl = config.ttl;
         let backing: Arc<dyn Backing> = self.backing.clone();
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(dir_err(&dir))?;
@@ -665,8 +881,22 @@ mod tests {
     use super::*;
     use crate::outbox::{Outbox, OutboxConfig};
 
+    const LIMITS: ServeLimits = ServeLimits {
+        timeout: Duration::from_secs(2),
+        max_file_size: DEFAULT_MAX_FILE_SIZE,
+    };
+
     /// A fake server: answers listings with `entries` and reads with "not found".
-    fn fake_server(mut rx: mpsc::Receiver<crate::channel::Query>, entries: Vec<FileEntry>) {
+    fn fake_server(rx: mpsc::Receiver<crate::channel::Query>, entries: Vec<FileEntry>) {
+        fake_server_reading(rx, entries, None);
+    }
+
+    /// A fake server answering reads with `data` (or "not found" without it).
+    fn fake_server_reading(
+        mut rx: mpsc::Receiver<crate::channel::Query>,
+        entries: Vec<FileEntry>,
+        data: Option<Vec<u8>>,
+    ) {
         tokio::spawn(async move {
             while let Some(q) = rx.recv().await {
                 let msg = match q.msg {
@@ -676,11 +906,25 @@ mod tests {
                         entries: entries.clone(),
                         error: None,
                     },
-                    Message::FileRead { request, path, .. } => Message::FileData {
-                        request,
-                        offset: 0,
-                        eof: true,
-                        error: Some(format!("{path} not found (version \"v\")")),
+                    Message::FileRead { request, path, .. } => match &data {
+                        Some(bytes) => {
+                            let msg = Message::FileData {
+                                request,
+                                offset: 0,
+                                eof: true,
+                                error: None,
+                            };
+                            let mut frame = nbagent_protocol::Frame::control(msg);
+                            frame.payload = Bytes::from(bytes.clone());
+                            let _ = q.reply.send(frame);
+                            continue;
+                        }
+                        None => Message::FileData {
+                            request,
+                            offset: 0,
+                            eof: true,
+                            error: Some(format!("{path} not found (version \"v\")")),
+                        },
                     },
                     other => panic!("unexpected query {other:?}"),
                 };
@@ -707,13 +951,7 @@ mod tests {
         };
         fake_server(rx, vec![on_server.clone()]);
         let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
-        tokio::spawn(serve(
-            requests,
-            queries,
-            sender,
-            shared.clone(),
-            Duration::from_secs(2),
-        ));
+        tokio::spawn(serve(requests, queries, sender, shared.clone(), LIMITS));
         let staged = dir.path().join("staged");
         let content: Vec<u8> = (0..CHUNK + CHUNK / 2).map(|i| i as u8).collect();
         std::fs::write(&staged, &content).unwrap();
@@ -747,5 +985,267 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(after_ack.entries[0].version, "old");
+    }
+
+    fn entry(path: &str, kind: FileKind, version: &str) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            kind,
+            size: 0,
+            mtime_ms: 0,
+            version: version.into(),
+        }
+    }
+
+    fn paths(listing: &Listing) -> Vec<String> {
+        listing
+            .entries
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}{}",
+                    e.path,
+                    if e.kind == FileKind::Dir { "/" } else { "" }
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pending_changes_overlay_listings_until_acked() {
+        let server = vec![
+            entry("a.csv", FileKind::File, "va"),
+            entry("old", FileKind::Dir, ""),
+            entry("old/x", FileKind::File, "vx"),
+        ];
+        let root = FileRoot::Notebook;
+        let mut p = Pending::default();
+        let mut l = Listing {
+            writable: true,
+            entries: server.clone(),
+        };
+        p.overlay(root, &mut l, 0);
+        assert_eq!(p.version_of(root, "a.csv"), "va");
+        assert_eq!(p.version_of(root, "old"), "", "directories have no version");
+        p.record(1, root, Change::Put(entry("new", FileKind::Dir, "")));
+        p.record(2, root, Change::Put(entry("new/f", FileKind::File, "vf")));
+        p.record(
+            3,
+            root,
+            Change::Rename {
+                from: "old".into(),
+                to: "new/moved".into(),
+            },
+        );
+        p.record(4, root, Change::Remove("a.csv".into()));
+        p.record(
+            5,
+            root,
+            Change::Rename {
+                from: "gone".into(),
+                to: "b".into(),
+            },
+        );
+        assert_eq!(
+            p.version_of(root, "new/moved/x"),
+            "vx",
+            "renames move versions"
+        );
+        assert_eq!(p.version_of(root, "a.csv"), "");
+        let expected = ["new/", "new/f", "new/moved/", "new/moved/x"];
+        // The server has none of it yet.
+        let mut l = Listing {
+            writable: true,
+            entries: server.clone(),
+        };
+        p.overlay(root, &mut l, 0);
+        assert_eq!(paths(&l), expected);
+        // The workspace tree is not affected.
+        let mut w = Listing {
+            writable: false,
+            entries: server.clone(),
+        };
+        p.overlay(FileRoot::Workspace, &mut w, 0);
+        assert_eq!(w.entries, server);
+        // The server stored the first three (its listing shows them) before it was
+        // asked: they are forgotten, the rest still applies.
+        let mut l = Listing {
+            writable: true,
+            entries: vec![
+                entry("a.csv", FileKind::File, "va"),
+                entry("new", FileKind::Dir, ""),
+                entry("new/f", FileKind::File, "vf"),
+                entry("new/moved", FileKind::Dir, ""),
+                entry("new/moved/x", FileKind::File, "vx"),
+            ],
+        };
+        p.overlay(root, &mut l, 3);
+        assert_eq!(paths(&l), expected);
+        assert_eq!(p.changes.len(), 2);
+        // All stored: the server's listing is shown as it is.
+        let mut l = Listing {
+            writable: true,
+            entries: vec![entry("z", FileKind::File, "vz")],
+        };
+        p.overlay(root, &mut l, 5);
+        assert_eq!(paths(&l), ["z"]);
+        assert!(p.changes.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn namespace_changes_go_to_the_outbox_with_the_versions_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::new(
+            Outbox::open(OutboxConfig::new(dir.path().join("outbox"))).unwrap(),
+            false,
+        );
+        let (queries, rx) = Queries::new(8);
+        fake_server(
+            rx,
+            vec![
+                entry("a.csv", FileKind::File, "va"),
+                entry("b.csv", FileKind::File, "vb"),
+            ],
+        );
+        let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
+        tokio::spawn(serve(
+            requests,
+            queries,
+            Sender::new(shared.clone()),
+            shared.clone(),
+            LIMITS,
+        ));
+        let last = |shared: &Shared| {
+            let (seq, raw) = shared.outbox().last().unwrap().unwrap();
+            (seq, raw.parse().unwrap().envelope.msg)
+        };
+        let nb = FileRoot::Notebook;
+        let b = backing.clone();
+        let s = shared.clone();
+        let (msgs, relisted, workspace) = tokio::task::spawn_blocking(move || {
+            b.list(nb).unwrap();
+            let mut msgs = Vec::new();
+            b.mkdir(nb, "d").unwrap();
+            msgs.push(last(&s));
+            b.rename(nb, "a.csv", "b.csv").unwrap();
+            msgs.push(last(&s));
+            b.remove(nb, "b.csv", FileKind::File).unwrap();
+            msgs.push(last(&s));
+            b.remove(nb, "d", FileKind::Dir).unwrap();
+            msgs.push(last(&s));
+            let relisted = b.list(nb).unwrap();
+            let workspace = b.mkdir(FileRoot::Workspace, "w");
+            (msgs, relisted, workspace)
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            msgs,
+            vec![
+                (
+                    1,
+                    Message::FileMkdir {
+                        root: nb,
+                        path: "d".into()
+                    }
+                ),
+                (
+                    2,
+                    Message::FileRename {
+                        root: nb,
+                        from: "a.csv".into(),
+                        to: "b.csv".into(),
+                        base_version: "va".into(),
+                        replaced_version: "vb".into(),
+                    }
+                ),
+                (
+                    3,
+                    Message::FileRemove {
+                        root: nb,
+                        path: "b.csv".into(),
+                        kind: FileKind::File,
+                        base_version: "va".into(),
+                    }
+                ),
+                (
+                    4,
+                    Message::FileRemove {
+                        root: nb,
+                        path: "d".into(),
+                        kind: FileKind::Dir,
+                        base_version: String::new(),
+                    }
+                ),
+            ]
+        );
+        // Until acknowledged, the server's (stale) listing does not bring them back.
+        assert!(relisted.entries.is_empty(), "{:?}", relisted.entries);
+        assert!(
+            matches!(workspace, Err(BackingError::ReadOnly)),
+            "{workspace:?}"
+        );
+        assert_eq!(shared.outbox().pending_count(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sizes_and_read_replies_beyond_the_limits_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::new(
+            Outbox::open(OutboxConfig::new(dir.path().join("outbox"))).unwrap(),
+            false,
+        );
+        for (size, listed) in [(1000, true), (1001, false)] {
+            let (queries, rx) = Queries::new(8);
+            let mut big = entry("big.bin", FileKind::File, "v");
+            big.size = size;
+            fake_server_reading(rx, vec![big], Some(vec![7u8; 10]));
+            let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
+            let limits = ServeLimits {
+                timeout: Duration::from_secs(2),
+                max_file_size: 1000,
+            };
+            tokio::spawn(serve(
+                requests,
+                queries,
+                Sender::new(shared.clone()),
+                shared.clone(),
+                limits,
+            ));
+            let (list, short, exact) = tokio::task::spawn_blocking(move || {
+                (
+                    backing.list(FileRoot::Notebook),
+                    backing.read(FileRoot::Notebook, "big.bin", "v", 0, 4),
+                    backing.read(FileRoot::Notebook, "big.bin", "v", 0, 10),
+                )
+            })
+            .await
+            .unwrap();
+            match list {
+                Ok(l) => assert!(listed && l.entries.len() == 1),
+                Err(e) => {
+                    assert!(!listed);
+                    let FsErrorLike(errno, text) = fs_error(e);
+                    assert_eq!(errno, nix::libc::EIO);
+                    assert!(
+                        text.contains("1001 bytes, more than the 1000 accepted"),
+                        "{text}"
+                    );
+                }
+            }
+            // Ten bytes answered to a read of four: refused, not trusted.
+            let FsErrorLike(errno, text) = fs_error(short.unwrap_err());
+            assert_eq!(errno, nix::libc::EIO);
+            assert!(text.contains("answered 10 bytes to a read of 4"), "{text}");
+            assert_eq!(exact.unwrap(), vec![7u8; 10]);
+        }
+    }
+
+    struct FsErrorLike(i32, String);
+
+    /// The errno the kernel would see for a backing error, and its text.
+    fn fs_error(e: BackingError) -> FsErrorLike {
+        let text = e.to_string();
+        FsErrorLike(nbagent_fusefs::FsError::Backing(e).errno(), text)
     }
 }

@@ -249,6 +249,9 @@ struct State {
     writable: bool,
     listed_at: Instant,
     negative: HashMap<(u64, String), Instant>,
+    /// Inodes a re-listing unlinked (gone from the server), with their last path: a
+    /// dirty one cannot be uploaded and its close says so.
+    vanished: HashMap<u64, String>,
     staging_seq: u64,
 }
 
@@ -316,6 +319,7 @@ impl Fs {
                 writable: false,
                 listed_at: now,
                 negative: HashMap::new(),
+                vanished: HashMap::new(),
                 staging_seq: 0,
             }),
         };
@@ -509,6 +513,7 @@ impl Fs {
         for (path, ino) in old_by_path {
             if !live.contains(&ino) {
                 tracing::debug!(ino, path = %path, "entry vanished from the listing");
+                st.vanished.insert(ino, path);
                 self.unlink_inode(st, ino);
             }
         }
@@ -537,13 +542,14 @@ impl Fs {
         let Some(node) = st.inodes.get(&ino) else {
             return;
         };
-        if !node.linked
-            && node.lookups == 0
-            && node.open == 0
-            && let Some(Inode {
-                content: Content::Staged(s),
-                ..
-            }) = st.inodes.remove(&ino)
+        if !(!node.linked && node.lookups == 0 && node.open == 0) {
+            return;
+        }
+        st.vanished.remove(&ino);
+        if let Some(Inode {
+            content: Content::Staged(s),
+            ..
+        }) = st.inodes.remove(&ino)
         {
             let _ = fs::remove_file(&s.path);
         }
@@ -688,8 +694,19 @@ impl Fs {
         let Content::Staged(s) = &node.content else {
             return Ok(());
         };
-        if !s.dirty || !node.linked {
+        if !s.dirty {
             return Ok(());
+        }
+        if !node.linked {
+            // Unlinked by the kernel: the content goes with the name (POSIX). Gone from
+            // the server's listing: the bytes would be lost silently.
+            return match st.vanished.get(&ino) {
+                Some(path) => {
+                    tracing::warn!(ino, %path, "written file vanished from the server before its upload; close fails");
+                    Err(FsError::Vanished { path: path.clone() })
+                }
+                None => Ok(()),
+            };
         }
         let rel = Self::path_of(st, ino)?;
         let (path, base) = (s.path.clone(), s.base_version.clone());

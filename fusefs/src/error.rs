@@ -60,6 +60,15 @@ pub enum BackingError {
     /// A listing was refused.
     #[error("listing refused")]
     Listing(#[source] ListingError),
+    /// The server's answer was refused: beyond a configured bound (a file size, a
+    /// reply longer than asked), so it is not trusted.
+    #[error("the server's answer to {op} was refused: {reason}")]
+    Untrusted {
+        /// Which call.
+        op: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The server reported an error.
     #[error("server refused {op}: {reason}")]
     Remote {
@@ -199,6 +208,14 @@ pub enum FsError {
     /// A file is too big for the operation.
     #[error("file too big")]
     TooBig,
+    /// A file written but not uploaded vanished from the server's listing (with its
+    /// directory, or removed there): its content cannot be placed, so the close fails
+    /// rather than reporting success.
+    #[error("{path} vanished from the server before it was uploaded")]
+    Vanished {
+        /// The file's last path.
+        path: String,
+    },
     /// The backing store failed.
     #[error("backing store failed")]
     Backing(#[from] BackingError),
@@ -224,6 +241,7 @@ impl FsError {
             FsError::BadHandle(_) => libc::EBADF,
             FsError::NotImplemented => libc::ENOSYS,
             FsError::TooBig => libc::EFBIG,
+            FsError::Vanished { .. } => libc::EIO,
             FsError::Backing(BackingError::ReadOnly) => libc::EROFS,
             FsError::Backing(BackingError::NotFound { .. }) => libc::ESTALE,
             FsError::Backing(_) => libc::EIO,

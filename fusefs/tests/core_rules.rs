@@ -241,3 +241,47 @@ fn unlinked_open_file_stays_readable_and_writes_stage_until_flush() {
     assert_eq!(fs.read(r.fh, 0, 100).unwrap(), b"hello world");
     fs.release(r.fh).unwrap();
 }
+
+#[test]
+fn a_written_file_that_vanished_from_the_server_fails_its_close() {
+    let b = tempfile::tempdir().unwrap();
+    let w = tempfile::tempdir().unwrap();
+    fs::create_dir(b.path().join("d")).unwrap();
+    fs::write(b.path().join("d/a"), "old").unwrap();
+    let clock = Arc::new(ManualClock::default());
+    let fs = common::local_fs(b.path(), w.path(), true, Some(clock.clone()));
+    let d = fs.lookup(ROOT_INO, OsStr::new("d")).unwrap();
+    let a = fs.lookup(d.ino, OsStr::new("a")).unwrap();
+    let rw = OpenMode {
+        write: true,
+        truncate: false,
+    };
+    let o = fs.open(a.ino, rw).unwrap();
+    fs.write(o.fh, 0, b"new").unwrap();
+    // The directory goes on the server while the file is being written; a re-listing
+    // unlinks it.
+    fs::remove_dir_all(b.path().join("d")).unwrap();
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(
+        fs.lookup(ROOT_INO, OsStr::new("d")).unwrap_err().errno(),
+        libc::ENOENT
+    );
+    let err = fs.flush(o.fh).unwrap_err();
+    assert!(
+        matches!(err, FsError::Vanished { ref path } if path == "d/a"),
+        "{err:?}"
+    );
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(fs.release(o.fh).is_err());
+    assert!(!b.path().join("d").exists(), "nothing recreated");
+
+    // A file the kernel itself unlinked while writing is discarded quietly (POSIX).
+    fs::write(b.path().join("b"), "x").unwrap();
+    clock.advance(Duration::from_secs(61));
+    let bf = fs.lookup(ROOT_INO, OsStr::new("b")).unwrap();
+    let o = fs.open(bf.ino, rw).unwrap();
+    fs.write(o.fh, 0, b"yy").unwrap();
+    fs.unlink(ROOT_INO, OsStr::new("b")).unwrap();
+    fs.release(o.fh).unwrap();
+    assert!(!b.path().join("b").exists());
+}

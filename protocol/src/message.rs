@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Messages that carry data the server must keep (outputs, blobs, datasets, checkpoint
-//! and kernel events, file uploads) are *sequenced*: the sender numbers them 1, 2, 3...
+//! and kernel events, file uploads and namespace changes) are *sequenced*: the sender numbers them 1, 2, 3...
 //! per stream, keeps them until the peer's cumulative [`Message::Ack`] covers them, and
 //! resends the unacknowledged ones after a reconnect; the receiver stores each sequence
 //! number once. Control messages (handshake, heartbeat, ack, queries) are not sequenced.
@@ -313,6 +313,47 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         version: String,
     },
+    /// A directory the kernel created in the attached files. Applied in sequence order
+    /// with uploads, removals and renames; creating an existing directory changes nothing.
+    FileMkdir {
+        /// Which tree.
+        root: FileRoot,
+        /// Path relative to the root.
+        path: String,
+    },
+    /// A file the kernel removed (`kind` file) or an empty directory (`kind` dir). A file
+    /// is removed only at `base_version`; a server that has another version keeps it.
+    FileRemove {
+        /// Which tree.
+        root: FileRoot,
+        /// Path relative to the root.
+        path: String,
+        /// File or directory.
+        kind: FileKind,
+        /// Version of the file the kernel removed (empty for a directory, or a file the
+        /// agent has not seen a version of).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        base_version: String,
+    },
+    /// A file or directory the kernel renamed, replacing `to` if it existed. A file
+    /// whose server version is not `base_version` stays where it is (the writer's
+    /// version appears at `to`); a replaced file whose version is not
+    /// `replaced_version` is kept as a conflict copy.
+    FileRename {
+        /// Which tree.
+        root: FileRoot,
+        /// Current path.
+        from: String,
+        /// New path.
+        to: String,
+        /// Version of the renamed file as the kernel saw it (empty for a directory).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        base_version: String,
+        /// Version of the file at `to` the rename replaces, as the kernel saw it (empty
+        /// when there was none).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        replaced_version: String,
+    },
 
     // ----- queries (not sequenced; answered by `request` id) ----------------------
     /// Agent -> server: which of these blobs does the server already have?
@@ -582,6 +623,9 @@ pub enum ErrorCode {
     SequenceGap,
     /// A blob's bytes did not match its hash, or its chunks were inconsistent.
     BlobMismatch,
+    /// A change to the attached files (mkdir, remove, rename) was not applied: an
+    /// invalid path or a read-only tree.
+    FileRefused,
     /// The peer was silent for three heartbeat intervals.
     HeartbeatTimeout,
     /// The server failed internally; the agent should retry later.
@@ -610,6 +654,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::UnexpectedMessage => "unexpected_message",
             ErrorCode::SequenceGap => "sequence_gap",
             ErrorCode::BlobMismatch => "blob_mismatch",
+            ErrorCode::FileRefused => "file_refused",
             ErrorCode::HeartbeatTimeout => "heartbeat_timeout",
             ErrorCode::Internal => "internal",
         };
@@ -658,6 +703,9 @@ impl Message {
             Message::DatasetHeadTail { .. } => "dataset_head_tail",
             Message::Checkpoint { .. } => "checkpoint",
             Message::FileChunk { .. } => "file_chunk",
+            Message::FileMkdir { .. } => "file_mkdir",
+            Message::FileRemove { .. } => "file_remove",
+            Message::FileRename { .. } => "file_rename",
             Message::BlobQuery { .. } => "blob_query",
             Message::BlobStatus { .. } => "blob_status",
             Message::FileList { .. } => "file_list",
@@ -684,6 +732,9 @@ impl Message {
             | Message::DatasetHeadTail { .. }
             | Message::Checkpoint { .. }
             | Message::FileChunk { .. }
+            | Message::FileMkdir { .. }
+            | Message::FileRemove { .. }
+            | Message::FileRename { .. }
             | Message::BlobQuery { .. }
             | Message::FileList { .. }
             | Message::FileRead { .. } => Direction::ToServer,
@@ -720,6 +771,9 @@ impl Message {
                 | Message::DatasetHeadTail { .. }
                 | Message::Checkpoint { .. }
                 | Message::FileChunk { .. }
+                | Message::FileMkdir { .. }
+                | Message::FileRemove { .. }
+                | Message::FileRename { .. }
                 | Message::ExecuteCell { .. }
                 | Message::RunFrom { .. }
                 | Message::Interrupt { .. }

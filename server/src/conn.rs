@@ -20,7 +20,7 @@ use crate::blobs::ChunkOutcome;
 use crate::files;
 use crate::pki::Token;
 use crate::state::ServerState;
-use crate::store::{NewMessage, TokenError, UploadOutcome};
+use crate::store::{FileChange, NewMessage, TokenError};
 
 /// How the peer reached us.
 #[derive(Debug, Clone)]
@@ -527,6 +527,7 @@ where
         let mut batch: Vec<NewMessage> = Vec::new();
         let mut chunks: Vec<Chunk> = Vec::new();
         let mut file_chunks: Vec<FileChunk> = Vec::new();
+        let mut file_changes: Vec<(u64, FileChange)> = Vec::new();
         let mut goodbye = false;
         let mut duplicates = false;
         for raw in &frames {
@@ -574,6 +575,7 @@ where
                             version,
                         } => {
                             file_chunks.push(FileChunk {
+                                seq,
                                 root: *root,
                                 path: path.clone(),
                                 base_version: base_version.clone(),
@@ -584,7 +586,17 @@ where
                             });
                             (!version.is_empty()).then(|| version.clone())
                         }
-                        _ => None,
+                        msg => {
+                            match files::namespace_change(&agent, msg) {
+                                Some(Ok(change)) => file_changes.push((seq, change)),
+                                Some(Err(e)) => {
+                                    refuse_file_change(&mut wr, &agent, msg.kind(), e.to_string())
+                                        .await?;
+                                }
+                                None => {}
+                            }
+                            None
+                        }
                     };
                     let header = match std::str::from_utf8(&raw.header) {
                         Ok(s) => s.to_owned(),
@@ -631,10 +643,16 @@ where
             store_chunks(state, &agent, chunks, &mut wr).await?;
         }
         if !file_chunks.is_empty() {
-            store_file_chunks(state, &agent, file_chunks, &mut wr).await?;
+            file_changes.extend(store_file_chunks(state, &agent, file_chunks, &mut wr).await?);
+            // Uploads, removals and renames apply in the agent's order.
+            file_changes.sort_by_key(|(seq, _)| *seq);
         }
         if !batch.is_empty() {
-            let stored = match state.store.append(&agent, &stream, &batch).await {
+            let stored = match state
+                .store
+                .append_with_files(&agent, &stream, &batch, &file_changes)
+                .await
+            {
                 Ok(s) => s,
                 Err(e) => {
                     // Nothing of this batch is acknowledged: the agent resends it.
@@ -739,6 +757,7 @@ async fn store_chunks<W: AsyncWrite + Unpin>(
 /// A chunk of a file the kernel wrote, waiting to be written.
 #[derive(Debug)]
 struct FileChunk {
+    seq: u64,
     root: FileRoot,
     path: String,
     base_version: String,
@@ -768,15 +787,37 @@ async fn refuse_upload<W: AsyncWrite + Unpin>(
     .await
 }
 
+/// Tells the agent (non-fatally) why a namespace change (mkdir, remove, rename) was not
+/// applied; the message is stored and acknowledged like any other.
+async fn refuse_file_change<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    agent: &str,
+    kind: &str,
+    why: String,
+) -> Result<(), ConnError> {
+    warn!(%agent, %kind, reason = %why, "file change refused");
+    send(
+        wr,
+        Message::Error {
+            code: ErrorCode::FileRefused,
+            message: format!("{kind} refused: {why}"),
+            fatal: false,
+        },
+    )
+    .await
+}
+
 /// Writes a batch's file chunks to the blob store (like blob chunks: idempotent,
-/// verified against the announced version) and records the versions their last chunks
-/// complete, keeping conflicting versions beside the current one.
+/// verified against the announced version) and returns the uploads their last chunks
+/// complete, to be recorded with the batch (conflicting versions kept beside the
+/// current one).
 async fn store_file_chunks<W: AsyncWrite + Unpin>(
     state: &Arc<ServerState>,
     agent: &str,
     chunks: Vec<FileChunk>,
     wr: &mut W,
-) -> Result<(), ConnError> {
+) -> Result<Vec<(u64, FileChange)>, ConnError> {
+    let mut changes = Vec::new();
     let mut ok = Vec::with_capacity(chunks.len());
     for c in chunks {
         if let Err(e) = files::validate_path(&c.path) {
@@ -817,28 +858,12 @@ async fn store_file_chunks<W: AsyncWrite + Unpin>(
                 continue;
             }
         }
-        match files::record_upload(
-            &state.store,
-            agent,
-            c.root,
-            &c.path,
-            &c.base_version,
-            &c.version,
-            c.total,
-        )
-        .await
-        {
-            Ok(UploadOutcome::Conflict { kept_as }) => {
-                warn!(%agent, path = %c.path, %kept_as, "file changed since the writer's version; both kept");
-            }
-            Ok(outcome) => {
-                debug!(%agent, path = %c.path, version = %c.version, ?outcome, "file version stored")
-            }
-            Err(files::FilesError::Store(e)) => return Err(e.into()),
+        match files::upload_change(agent, c.root, &c.path, &c.base_version, &c.version, c.total) {
+            Ok(change) => changes.push((c.seq, change)),
             Err(e) => refuse_upload(wr, agent, &c.path, e.to_string()).await?,
         }
     }
-    Ok(())
+    Ok(changes)
 }
 
 async fn control<W: AsyncWrite + Unpin>(

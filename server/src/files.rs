@@ -4,17 +4,19 @@
 //!
 //! The agent lists a tree with `file_list`, reads byte ranges with `file_read`, and
 //! uploads what the kernel writes with sequenced `file_chunk` messages (assembled and
-//! verified like blobs, recorded by [`record_upload`]). Operators attach files with
+//! verified like blobs); uploads and the kernel's `file_mkdir`/`file_remove`/`file_rename`
+//! become [`FileChange`]s ([`upload_change`], [`namespace_change`]) that the store applies
+//! in the transaction storing their messages. Operators attach files with
 //! [`put_path`] (`nbserver files put`).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nbagent_protocol::{FileEntry, FileKind, FileRoot};
+use nbagent_protocol::{FileEntry, FileKind, FileRoot, Message};
 
 use crate::blobs::{BlobError, BlobStore};
-use crate::store::{FileRecord, Store, StoreError, UploadOutcome};
+use crate::store::{FileChange, FileRecord, Store, StoreError, UploadOutcome};
 
 /// Most bytes returned by one `file_read` (larger requests get a short answer).
 pub const MAX_READ: u32 = 4 << 20;
@@ -41,6 +43,12 @@ pub enum FilesError {
         path: String,
         /// The version asked for.
         version: String,
+    },
+    /// The tree is read-only for the kernel.
+    #[error("{path}: the workspace tree is read-only")]
+    ReadOnly {
+        /// The path (cut to 200 characters).
+        path: String,
     },
     /// The database failed.
     #[error("file metadata")]
@@ -306,6 +314,132 @@ pub async fn read(
     Ok(Some(blobs.read(&record.version)?))
 }
 
+/// The suffix of a conflict copy's name: the server's time, `YYYY-MM-DD HH.MM.SS`.
+pub fn conflict_tag() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02} {:02}.{:02}.{:02}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    )
+}
+
+/// Refuses changes to a tree the kernel may not write.
+fn check_writable(root: FileRoot, path: &str) -> Result<(), FilesError> {
+    if writable(root) {
+        Ok(())
+    } else {
+        Err(FilesError::ReadOnly {
+            path: path.chars().take(200).collect(),
+        })
+    }
+}
+
+/// The change an upload makes (its content already in the blob store), for
+/// [`Store::append_with_files`].
+pub fn upload_change(
+    agent: &str,
+    root: FileRoot,
+    path: &str,
+    base_version: &str,
+    version: &str,
+    size: u64,
+) -> Result<FileChange, FilesError> {
+    Ok(FileChange::Upload {
+        upload: upload_record(agent, root, path, version, size)?,
+        base_version: base_version.to_owned(),
+        conflict_tag: conflict_tag(),
+    })
+}
+
+fn upload_record(
+    agent: &str,
+    root: FileRoot,
+    path: &str,
+    version: &str,
+    size: u64,
+) -> Result<FileRecord, FilesError> {
+    validate_path(path)?;
+    check_writable(root, path)?;
+    Ok(FileRecord {
+        agent: agent.to_owned(),
+        root: root_name(root).to_owned(),
+        path: path.to_owned(),
+        kind: "file".to_owned(),
+        version: version.to_owned(),
+        size,
+        mtime_ms: now_ms(),
+    })
+}
+
+/// The change a `file_mkdir`, `file_remove` or `file_rename` message makes, checked
+/// (paths valid, tree writable, a directory not moved below itself); `None` for other
+/// messages.
+pub fn namespace_change(agent: &str, msg: &Message) -> Option<Result<FileChange, FilesError>> {
+    let checked = |root: FileRoot, paths: &[&str]| -> Result<(), FilesError> {
+        for p in paths {
+            validate_path(p)?;
+            check_writable(root, p)?;
+        }
+        Ok(())
+    };
+    let change = match msg {
+        Message::FileMkdir { root, path } => checked(*root, &[path]).map(|()| FileChange::Mkdir {
+            dir: FileRecord {
+                agent: agent.to_owned(),
+                root: root_name(*root).to_owned(),
+                path: path.clone(),
+                kind: "dir".to_owned(),
+                version: String::new(),
+                size: 0,
+                mtime_ms: now_ms(),
+            },
+        }),
+        Message::FileRemove {
+            root,
+            path,
+            kind,
+            base_version,
+        } => checked(*root, &[path]).map(|()| FileChange::Remove {
+            agent: agent.to_owned(),
+            root: root_name(*root).to_owned(),
+            path: path.clone(),
+            dir: *kind == FileKind::Dir,
+            base_version: base_version.clone(),
+        }),
+        Message::FileRename {
+            root,
+            from,
+            to,
+            base_version,
+            replaced_version,
+        } => checked(*root, &[from, to]).and_then(|()| {
+            if to.starts_with(&format!("{from}/")) {
+                return Err(FilesError::InvalidPath {
+                    path: to.chars().take(200).collect(),
+                    reason: "lies below the renamed directory",
+                });
+            }
+            Ok(FileChange::Rename {
+                agent: agent.to_owned(),
+                root: root_name(*root).to_owned(),
+                from: from.clone(),
+                to: to.clone(),
+                base_version: base_version.clone(),
+                replaced_version: replaced_version.clone(),
+                conflict_tag: conflict_tag(),
+                mtime_ms: now_ms(),
+            })
+        }),
+        _ => return None,
+    };
+    Some(change)
+}
+
 /// Records a version uploaded by the agent (its content is already in the blob store);
 /// see [`Store::record_file_upload`] for conflicts.
 pub async fn record_upload(
@@ -317,28 +451,9 @@ pub async fn record_upload(
     version: &str,
     size: u64,
 ) -> Result<UploadOutcome, FilesError> {
-    validate_path(path)?;
-    let now = time::OffsetDateTime::now_utc();
-    let tag = format!(
-        "{:04}-{:02}-{:02} {:02}.{:02}.{:02}",
-        now.year(),
-        u8::from(now.month()),
-        now.day(),
-        now.hour(),
-        now.minute(),
-        now.second()
-    );
-    let upload = FileRecord {
-        agent: agent.to_owned(),
-        root: root_name(root).to_owned(),
-        path: path.to_owned(),
-        kind: "file".to_owned(),
-        version: version.to_owned(),
-        size,
-        mtime_ms: now_ms(),
-    };
+    let upload = upload_record(agent, root, path, version, size)?;
     Ok(store
-        .record_file_upload(&upload, base_version, &tag)
+        .record_file_upload(&upload, base_version, &conflict_tag())
         .await?)
 }
 

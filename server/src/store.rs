@@ -21,6 +21,10 @@ use sqlx::migrate::{MigrateError, Migration, MigrationType, Migrator};
 use sqlx::{AnyPool, AssertSqlSafe, Executor, SqlSafeStr};
 use tracing::{debug, info, instrument};
 
+mod file_changes;
+
+pub use file_changes::{FileChange, conflict_name};
+
 /// File name of the embedded SQLite database inside the data directory.
 pub const SQLITE_FILE_NAME: &str = "nbserver.db";
 
@@ -706,6 +710,21 @@ impl Store {
         stream: &str,
         batch: &[NewMessage],
     ) -> Result<u64, StoreError> {
+        self.append_with_files(agent, stream, batch, &[]).await
+    }
+
+    /// [`Store::append`], applying in the same transaction the attached-file changes
+    /// carried by the batch's new messages (`(seq, change)`, in sequence order): a
+    /// change whose message is a duplicate is not applied again, and a change is never
+    /// applied without its message being stored.
+    #[instrument(skip_all, fields(agent = %agent, stream = %stream, batch = batch.len(), changes = changes.len()))]
+    pub async fn append_with_files(
+        &self,
+        agent: &str,
+        stream: &str,
+        batch: &[NewMessage],
+        changes: &[(u64, FileChange)],
+    ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await.map_err(query_err("begin append"))?;
         // Writing first takes the write lock (SQLite) or the row lock (PostgreSQL) before
         // reading, so concurrent appends to one stream serialise instead of racing.
@@ -762,6 +781,11 @@ impl Store {
                 .execute(&mut *tx)
                 .await
                 .map_err(query_err("insert messages"))?;
+        }
+        for (seq, change) in changes {
+            if *seq > start && *seq <= current {
+                file_changes::apply(&mut tx, change).await?;
+            }
         }
         sqlx::query("UPDATE streams SET stored = $1 WHERE agent = $2 AND stream = $3")
             .bind(new_stored)
@@ -991,23 +1015,8 @@ impl Store {
 
     /// Creates or replaces the record of one attached file or directory.
     pub async fn put_file(&self, f: &FileRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO files (agent, root, path, kind, version, size, mtime_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (agent, root, path) DO UPDATE SET kind = excluded.kind, \
-             version = excluded.version, size = excluded.size, mtime_ms = excluded.mtime_ms",
-        )
-        .bind(&f.agent)
-        .bind(&f.root)
-        .bind(&f.path)
-        .bind(&f.kind)
-        .bind(&f.version)
-        .bind(to_db("size", f.size)?)
-        .bind(f.mtime_ms)
-        .execute(&self.pool)
-        .await
-        .map_err(query_err("put file"))?;
-        Ok(())
+        let mut conn = self.pool.acquire().await.map_err(query_err("connect"))?;
+        file_changes::put(&mut conn, f).await
     }
 
     /// The attached files of `agent` in `root` (every root when `None`), by path.
@@ -1046,17 +1055,8 @@ impl Store {
         root: &str,
         path: &str,
     ) -> Result<Option<FileRecord>, StoreError> {
-        let row: Option<FileRow> = sqlx::query_as(
-            "SELECT agent, root, path, kind, version, size, mtime_ms FROM files \
-             WHERE agent = $1 AND root = $2 AND path = $3",
-        )
-        .bind(agent)
-        .bind(root)
-        .bind(path)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(query_err("look up file"))?;
-        row.map(file_record).transpose()
+        let mut conn = self.pool.acquire().await.map_err(query_err("connect"))?;
+        file_changes::file(&mut conn, agent, root, path).await
     }
 
     /// Records an uploaded version of a file whose content is in the blob store.
@@ -1070,37 +1070,10 @@ impl Store {
         base_version: &str,
         conflict_tag: &str,
     ) -> Result<UploadOutcome, StoreError> {
-        let current = self.file(&upload.agent, &upload.root, &upload.path).await?;
-        let current_version = current.as_ref().map(|c| c.version.as_str());
-        if current_version == Some(upload.version.as_str()) {
-            return Ok(UploadOutcome::AlreadyCurrent);
-        }
-        let fits = match current_version {
-            None => true,
-            Some(v) => v == base_version,
-        };
-        if fits {
-            self.put_file(upload).await?;
-            return Ok(UploadOutcome::Stored);
-        }
-        // Already kept as a conflict copy (a resend)?
-        let prefix = format!("{} (conflict ", upload.path);
-        let siblings = self.files(Some(&upload.agent), Some(&upload.root)).await?;
-        if let Some(kept) = siblings
-            .iter()
-            .find(|f| f.path.starts_with(&prefix) && f.version == upload.version)
-        {
-            return Ok(UploadOutcome::Conflict {
-                kept_as: kept.path.clone(),
-            });
-        }
-        let kept_as = format!("{}{conflict_tag})", prefix);
-        self.put_file(&FileRecord {
-            path: kept_as.clone(),
-            ..upload.clone()
-        })
-        .await?;
-        Ok(UploadOutcome::Conflict { kept_as })
+        let mut tx = self.pool.begin().await.map_err(query_err("begin upload"))?;
+        let outcome = file_changes::upload(&mut tx, upload, base_version, conflict_tag).await?;
+        tx.commit().await.map_err(query_err("commit upload"))?;
+        Ok(outcome)
     }
 
     /// Metadata of the blob `hash`, if recorded.

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use nbserver::store::{
-    Backend, NewMessage, NewToken, Store, StoreError, StreamSummary, TokenError, TokenGrant,
+    Backend, FileChange, NewMessage, NewToken, Store, StoreError, StreamSummary, TokenError,
+    TokenGrant,
 };
 use sqlx::{AnyConnection, AssertSqlSafe, Connection, Executor};
 
@@ -138,6 +139,8 @@ on_both!(
     blob_record_is_idempotent,
     bulk_append_of_100k_messages,
     files_are_listed_and_uploads_keep_conflicts,
+    file_changes_apply_in_order_once_with_their_messages,
+    file_changes_keep_versions_changed_underneath,
 );
 
 fn msg(seq: u64) -> NewMessage {
@@ -636,4 +639,191 @@ async fn files_are_listed_and_uploads_keep_conflicts(db: &TestDb) {
             .version,
         "b1"
     );
+}
+
+fn dir(agent: &str, path: &str) -> nbserver::store::FileRecord {
+    nbserver::store::FileRecord {
+        kind: "dir".to_owned(),
+        version: String::new(),
+        size: 0,
+        ..file(agent, "notebook", path, "")
+    }
+}
+
+fn upload(path: &str, base: &str, version: &str) -> FileChange {
+    FileChange::Upload {
+        upload: file("a", "notebook", path, version),
+        base_version: base.to_owned(),
+        conflict_tag: "t".to_owned(),
+    }
+}
+
+fn remove(path: &str, is_dir: bool, base: &str) -> FileChange {
+    FileChange::Remove {
+        agent: "a".to_owned(),
+        root: "notebook".to_owned(),
+        path: path.to_owned(),
+        dir: is_dir,
+        base_version: base.to_owned(),
+    }
+}
+
+fn rename(from: &str, to: &str, base: &str, replaced: &str) -> FileChange {
+    FileChange::Rename {
+        agent: "a".to_owned(),
+        root: "notebook".to_owned(),
+        from: from.to_owned(),
+        to: to.to_owned(),
+        base_version: base.to_owned(),
+        replaced_version: replaced.to_owned(),
+        conflict_tag: "t".to_owned(),
+        mtime_ms: 1_700_000_000_001,
+    }
+}
+
+/// `path=version` of every notebook file of agent `a` (`path/` for directories), sorted.
+async fn tree(store: &Store) -> Vec<String> {
+    let mut entries: Vec<String> = store
+        .files(Some("a"), Some("notebook"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| {
+            if f.kind == "dir" {
+                format!("{}/", f.path)
+            } else {
+                format!("{}={}", f.path, f.version)
+            }
+        })
+        .collect();
+    entries.sort();
+    entries
+}
+
+async fn file_changes_apply_in_order_once_with_their_messages(db: &TestDb) {
+    let store = db.open().await;
+    let changes: Vec<(u64, FileChange)> = vec![
+        (1, upload("a.csv", "", "v1")),
+        (2, FileChange::Mkdir { dir: dir("a", "d") }),
+        (3, rename("a.csv", "d/b.csv", "v1", "")),
+        (4, upload("d/c.csv", "", "v2")),
+        (5, remove("d/c.csv", false, "v2")),
+        (6, FileChange::Mkdir { dir: dir("a", "e") }),
+        (7, remove("e", true, "")),
+        (8, FileChange::Mkdir { dir: dir("a", "f") }),
+        (9, rename("d", "g", "", "")),
+        // Written again at the renamed-away path, then removed: order matters.
+        (10, upload("a.csv", "", "v3")),
+    ];
+    let expected = ["a.csv=v3", "f/", "g/", "g/b.csv=v1"];
+    assert_eq!(
+        store
+            .append_with_files("a", "s", &msgs(1..=10), &changes)
+            .await
+            .unwrap(),
+        10
+    );
+    assert_eq!(tree(&store).await, expected);
+    // A resend of the whole batch is a duplicate: nothing applies twice (a second
+    // upload of v1 would now be a conflict copy, a second rename would do nothing).
+    assert_eq!(
+        store
+            .append_with_files("a", "s", &msgs(1..=10), &changes)
+            .await
+            .unwrap(),
+        10
+    );
+    assert_eq!(tree(&store).await, expected);
+    // A batch refused for a gap applies none of its changes.
+    let gap = store
+        .append_with_files(
+            "a",
+            "s",
+            &msgs(12..=12),
+            &[(12, remove("a.csv", false, "v3"))],
+        )
+        .await;
+    assert!(
+        matches!(gap, Err(StoreError::SequenceGap { .. })),
+        "{gap:?}"
+    );
+    assert_eq!(tree(&store).await, expected);
+    // Only the new part of a partly resent batch applies.
+    store
+        .append_with_files(
+            "a",
+            "s",
+            &msgs(10..=11),
+            &[
+                (10, upload("a.csv", "", "v3")),
+                (11, remove("a.csv", false, "v3")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(tree(&store).await, ["f/", "g/", "g/b.csv=v1"]);
+    // Another agent's files are untouched by a's changes.
+    assert!(store.files(Some("b"), None).await.unwrap().is_empty());
+    store.close().await;
+}
+
+async fn file_changes_keep_versions_changed_underneath(db: &TestDb) {
+    let store = db.open().await;
+    for (path, version) in [
+        ("x.csv", "x9"),
+        ("y.csv", "y9"),
+        ("w.csv", "w9"),
+        ("full/kept.csv", "k1"),
+    ] {
+        store
+            .put_file(&file("a", "notebook", path, version))
+            .await
+            .unwrap();
+    }
+    store.put_file(&dir("a", "full")).await.unwrap();
+    // The kernel's version of y.csv is known to the server (it was uploaded once).
+    store
+        .record_blob("y1", 7, "application/octet-stream", 0)
+        .await
+        .unwrap();
+    let changes = vec![
+        // The kernel removes x.csv as it saw it (x1); the server has x9: kept.
+        (1, remove("x.csv", false, "x1")),
+        // The kernel renames y.csv as it saw it (y1); the server has y9: y9 stays,
+        // and the kernel's y1 appears at the new name.
+        (2, rename("y.csv", "z.csv", "y1", "")),
+        // A rename over w.csv, which the kernel saw at w1; the server has w9: kept
+        // aside as a conflict copy.
+        (3, rename("z.csv", "w.csv", "y1", "w1")),
+        // A directory not empty on the server stays.
+        (4, remove("full", true, "")),
+        // Changes whose source is gone change nothing.
+        (5, remove("never.csv", false, "n1")),
+        (6, rename("never.csv", "other.csv", "n1", "")),
+    ];
+    store
+        .append_with_files("a", "s", &msgs(1..=6), &changes)
+        .await
+        .unwrap();
+    assert_eq!(
+        tree(&store).await,
+        [
+            "full/",
+            "full/kept.csv=k1",
+            "w.csv (conflict t)=w9",
+            "w.csv=y1",
+            "x.csv=x9",
+            "y.csv=y9",
+        ]
+    );
+    assert_eq!(
+        store
+            .file("a", "notebook", "w.csv")
+            .await
+            .unwrap()
+            .unwrap()
+            .size,
+        7
+    );
+    store.close().await;
 }

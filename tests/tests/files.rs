@@ -358,3 +358,142 @@ async fn copy_mode_copies_in_and_syncs_back_at_shutdown() {
     // The original is untouched.
     wait_server_file(&nb, "sales.csv", SALES.as_bytes(), Duration::from_secs(1)).await;
 }
+
+/// The notebook tree as the server lists it (`file_list`'s answer): `path` for files,
+/// `path/` for directories.
+async fn server_tree(nb: &Notebook) -> Vec<String> {
+    nbserver::files::listing(&nb.server.state.store, &nb.agent, FileRoot::Notebook)
+        .await
+        .expect("server listing")
+        .into_iter()
+        .map(|e| match e.kind {
+            nbagent_protocol::FileKind::Dir => format!("{}/", e.path),
+            nbagent_protocol::FileKind::File => e.path,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mkdir_rename_unlink_and_rmdir_reach_the_server() {
+    if skip("mkdir_rename_unlink_and_rmdir_reach_the_server", true) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mounts = Mounts::new();
+    let mut setup = mounts.setup("mount", attached());
+    // Re-list every second, so that listings happen while changes are in flight.
+    setup
+        .agent_args
+        .extend(["--files-ttl-secs".into(), "1".into()]);
+    let nb = Notebook::start(setup).await;
+    nb.wait_kernel_ready(Duration::from_secs(60)).await;
+    let nbdir = mounts.notebook().display().to_string();
+    let walk = format!(
+        r#"
+import os
+def walk(top):
+    out = []
+    for d, dirs, files in os.walk(top):
+        for n in dirs:
+            out.append(os.path.relpath(os.path.join(d, n), top) + '/')
+        for n in files:
+            out.append(os.path.relpath(os.path.join(d, n), top))
+    return sorted(out)
+NB = {nbdir:?}
+"#
+    );
+    let out = nb
+        .stdout(&format!(
+            r#"{walk}
+import time
+os.mkdir(NB + '/results')
+# A file written inside the new directory while the tree is listed again.
+f = open(NB + '/results/draft.csv', 'w')
+f.write('a,b\n')
+time.sleep(1.5)  # past the listing's ttl
+print('listed', sorted(os.listdir(NB)))
+f.write('1,2\n')
+f.close()
+os.rename(NB + '/results/draft.csv', NB + '/results/final.csv')
+# Across directories, and a whole directory.
+os.rename(NB + '/sales.csv', NB + '/results/sales.csv')
+os.rename(NB + '/raw', NB + '/archive')
+# Uploaded, renamed, removed: in that order.
+with open(NB + '/scratch.txt', 'w') as g:
+    g.write('scratch')
+os.rename(NB + '/scratch.txt', NB + '/scratch2.txt')
+os.unlink(NB + '/scratch2.txt')
+os.mkdir(NB + '/gone')
+os.rmdir(NB + '/gone')
+os.mkdir(NB + '/empty')
+print('tree', walk(NB))
+"#
+        ))
+        .await;
+    let expected = [
+        "archive/",
+        "archive/2024/",
+        "archive/2024/q1.txt",
+        "empty/",
+        "results/",
+        "results/final.csv",
+        "results/sales.csv",
+    ];
+    let listed_line = out
+        .lines()
+        .find(|l| l.starts_with("listed "))
+        .unwrap_or_default();
+    assert!(listed_line.contains("'results'"), "{out}");
+    let tree_line = format!(
+        "tree [{}]",
+        expected
+            .iter()
+            .map(|p| format!("'{}'", p.trim_end_matches('/')))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // os.walk names directories without the slash; rebuild the kernel's view likewise.
+    let kernel_tree = |out: &str| -> Vec<String> {
+        out.lines()
+            .find_map(|l| l.strip_prefix("tree "))
+            .map(|t| {
+                t.trim_matches(|c| c == '[' || c == ']')
+                    .split(", ")
+                    .map(|s| s.trim_matches('\'').to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(kernel_tree(&out), expected, "{out}\n(expected {tree_line})");
+
+    // The server's own listing becomes exactly that, with the right bytes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let tree = server_tree(&nb).await;
+        if tree == expected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server lists {tree:?}, not {expected:?}\n--- log:\n{}",
+            nb.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (path, want) in [
+        ("results/final.csv", &b"a,b\n1,2\n"[..]),
+        ("results/sales.csv", SALES.as_bytes()),
+        ("archive/2024/q1.txt", b"first quarter\n"),
+    ] {
+        wait_server_file(&nb, path, want, Duration::from_secs(1)).await;
+    }
+
+    // After the listing's ttl the mount lists the server's tree again: still the same.
+    let out = nb
+        .stdout(&format!(
+            "{walk}\nimport time\ntime.sleep(2.5)  # past the ttl: a fresh listing\nprint('tree', walk(NB))\nprint(open(NB + '/results/final.csv').read(), end='')\n"
+        ))
+        .await;
+    assert_eq!(kernel_tree(&out), expected, "{out}");
+    assert!(out.ends_with("a,b\n1,2\n"), "{out}");
+}

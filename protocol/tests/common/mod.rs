@@ -127,6 +127,7 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         ErrorCode::UnexpectedMessage,
         ErrorCode::SequenceGap,
         ErrorCode::BlobMismatch,
+        ErrorCode::FileRefused,
         ErrorCode::HeartbeatTimeout,
         ErrorCode::Internal,
     ])
@@ -415,6 +416,24 @@ pub fn message() -> BoxedStrategy<Message> {
                 offset,
                 total,
                 version: String::new(),
+            }
+        ),
+        (file_root(), text()).prop_map(|(root, path)| Message::FileMkdir { root, path }),
+        (file_root(), text(), file_kind(), text()).prop_map(|(root, path, kind, base_version)| {
+            Message::FileRemove {
+                root,
+                path,
+                kind,
+                base_version,
+            }
+        }),
+        (file_root(), text(), text(), text(), text()).prop_map(
+            |(root, from, to, base_version, replaced_version)| Message::FileRename {
+                root,
+                from,
+                to,
+                base_version,
+                replaced_version,
             }
         ),
         (any::<u64>(), prop::collection::vec(text(), 0..4))
@@ -806,6 +825,38 @@ pub fn examples() -> Vec<Example> {
             ToServer,
             true,
             true,
+        ),
+        ex(
+            Message::FileMkdir {
+                root: FileRoot::Notebook,
+                path: "results".into(),
+            },
+            ToServer,
+            true,
+            false,
+        ),
+        ex(
+            Message::FileRemove {
+                root: FileRoot::Notebook,
+                path: "results/tmp.csv".into(),
+                kind: FileKind::File,
+                base_version: "9f86d081".into(),
+            },
+            ToServer,
+            true,
+            false,
+        ),
+        ex(
+            Message::FileRename {
+                root: FileRoot::Notebook,
+                from: "results/draft.csv".into(),
+                to: "results/final.csv".into(),
+                base_version: "9f86d081".into(),
+                replaced_version: String::new(),
+            },
+            ToServer,
+            true,
+            false,
         ),
         ex(
             Message::BlobQuery {
