@@ -888,6 +888,14 @@ impl Runtime {
             record_path: path,
         };
         kernel.record.session = kernel.client.session().to_owned();
+        // The previous agent may have died before the store recorded the kernel's last
+        // checkpoint (it is stored in the background): then the chain cannot go on.
+        if let reactive::Chain::After(id) = &kernel.record.chain
+            && !self.ckpt.as_ref().is_some_and(|c| c.has_entry(id))
+        {
+            info!(checkpoint = %id, "the adopted kernel's last checkpoint is not in the store: its cells are not recorded until a restore or restart");
+            kernel.record.chain = reactive::Chain::Broken;
+        }
         let _ = kernel.record.save(&kernel.record_path);
         if let Some(running) = kernel.record.running.clone() {
             // The previous agent died during this cell. Its outputs from then until

@@ -650,6 +650,11 @@ impl Checkpointer {
             .map(|n| (n.cell_index, n.entry.id))
     }
 
+    /// Whether the store has an entry `id` (of any status).
+    pub fn has_entry(&self, id: &CheckpointId) -> bool {
+        self.lock().get(id).is_some()
+    }
+
     /// The record of the kernel dumped into checkpoint `id` (its connection info and
     /// log), if it was saved.
     pub fn kernel_record(&self, id: &CheckpointId) -> Option<crate::runtime::KernelRecord> {
