@@ -389,7 +389,10 @@ async fn random_edits_and_reruns_match_a_model() {
             assert_eq!(
                 results.iter().map(index_of).collect::<Vec<_>>(),
                 (from..CELLS).collect::<Vec<_>>(),
-                "{what}: not exactly the cells from the re-run one were executed"
+                "{what}: not exactly the cells from the re-run one were executed; \
+                 checkpoint events: {:?}\n--- log:\n{}",
+                &nb.checkpoints().await[since..],
+                nb.log_tail()
             );
             let expected = chain_expected(&mult, &add);
             for r in &results {
@@ -578,9 +581,10 @@ async fn a_file_grown_after_its_checkpoint_is_not_restored() {
     same_as_top(&rerun, &top);
 }
 
-/// 4. With a 60 MB budget, six cells that each add 12 MB of incompressible data to the
-///    kernel get checkpoints evicted, and a re-run afterwards still gives the right
-///    result (from a checkpoint still kept, or by re-executing).
+/// 4. With a 170 MB budget, six cells that each replace 12 MB of incompressible data in
+///    the kernel get their oldest checkpoints evicted; a re-run from cell 4 restores the
+///    nearest checkpoint that survived on the current path (not an evicted one, and not
+///    none) and gives the right result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_budget_checkpoints_are_evicted_and_reruns_stay_correct() {
     if skip(
@@ -591,18 +595,24 @@ async fn over_budget_checkpoints_are_evicted_and_reruns_stay_correct() {
     }
     let _serial = SERIAL.lock().await;
     let nb = ready(Setup {
-        env: vec![("NBAGENT_CHECKPOINT_BUDGET_MB".into(), "60".into())],
+        env: vec![("NBAGENT_CHECKPOINT_BUDGET_MB".into(), "170".into())],
         ..Setup::default()
     })
     .await;
+    // Each cell replaces the kernel's 12 MB of random data (an anonymous mapping
+    // filled in place, the previous one unmapped), so each checkpoint has 12 MB of its
+    // own beside the ~35 MB shared with the others.
     let cells: Vec<CellSource> = (0..6)
         .map(|i| {
             let prev = if i == 0 { "0".to_owned() } else { format!("v{}", i - 1) };
             let mut code = format!(
-                "import os\nblob{i} = os.urandom(12_000_000)\nv{i} = {prev} * 3 + {i} + len(blob{i}) // 1_000_000"
+                "import mmap\nold = globals().get('blob')\nblob = mmap.mmap(-1, 12_000_000)\n\
+                 with open('/dev/urandom', 'rb', buffering=0) as f:\n    assert f.readinto(blob) == len(blob)\n\
+                 if old is not None:\n    old.close()\ndel old\n\
+                 v{i} = {prev} * 3 + {i} + len(blob) // 1_000_000"
             );
             if i == 5 {
-                code.push_str("\nprint(v5, sum(len(b) for b in (blob0, blob1, blob2, blob3, blob4, blob5)))");
+                code.push_str("\nprint(v5, len(blob))");
             }
             cell(&format!("b{i}"), &code)
         })
@@ -612,7 +622,7 @@ async fn over_budget_checkpoints_are_evicted_and_reruns_stay_correct() {
         for i in 0..6 {
             v = v * 3 + i + 12;
         }
-        format!("{v} 72000000\n")
+        format!("{v} 12000000\n")
     };
     let first = nb.run_cells("first", &cells).await;
     all_ok(&nb, "first run", &first);
@@ -622,7 +632,7 @@ async fn over_budget_checkpoints_are_evicted_and_reruns_stay_correct() {
     let created = events(&all, 0, CheckpointEvent::Created);
     let evicted = events(&all, 0, CheckpointEvent::Evicted);
     println!(
-        "60 MB budget: {} checkpoints created ({} MB in all), {} evicted",
+        "170 MB budget: {} checkpoints created ({} MB in all), {} evicted",
         created.len(),
         created.iter().map(|c| c.bytes).sum::<u64>() >> 20,
         evicted.len()
@@ -710,7 +720,11 @@ async fn the_checkpoint_chain_survives_adoption_and_resets_on_kernel_death() {
         cell("k4", "w = 4"),
         cell("k5", "print(x + y + z + w)"),
     ];
-    all_ok(&nb, "first cells", &nb.run_cells("first", &cells[..2]).await);
+    all_ok(
+        &nb,
+        "first cells",
+        &nb.run_cells("first", &cells[..2]).await,
+    );
     let k1 = nb.wait_checkpoint_of("k1", 0).await;
     assert_eq!(k1.event, CheckpointEvent::Created, "{k1:?}");
     // The store records a checkpoint in the background: wait until its index has it,
@@ -742,7 +756,11 @@ async fn the_checkpoint_chain_survives_adoption_and_resets_on_kernel_death() {
             .then_some(())
     })
     .await;
-    all_ok(&nb, "after adoption", &nb.run_cells("adopted", &cells[2..3]).await);
+    all_ok(
+        &nb,
+        "after adoption",
+        &nb.run_cells("adopted", &cells[2..3]).await,
+    );
     let k2 = nb.wait_checkpoint_of("k2", 0).await;
     assert_eq!(k2.event, CheckpointEvent::Created, "{k2:?}");
     let since = nb.checkpoints().await.len();
@@ -751,7 +769,10 @@ async fn the_checkpoint_chain_survives_adoption_and_resets_on_kernel_death() {
     assert_eq!(stdout_of(&rerun[0]), "6\n");
     let restored = events(&nb.checkpoints().await, since, CheckpointEvent::Restored);
     assert_eq!(
-        restored.iter().map(|c| c.checkpoint.as_str()).collect::<Vec<_>>(),
+        restored
+            .iter()
+            .map(|c| c.checkpoint.as_str())
+            .collect::<Vec<_>>(),
         [k2.checkpoint.as_str()],
         "the checkpoint taken in the adopted kernel is not on the path"
     );
@@ -779,7 +800,10 @@ async fn the_checkpoint_chain_survives_adoption_and_resets_on_kernel_death() {
     all_ok(&nb, "re-run after the death", &rerun);
     let restored = events(&nb.checkpoints().await, since, CheckpointEvent::Restored);
     assert_eq!(
-        restored.iter().map(|c| c.checkpoint.as_str()).collect::<Vec<_>>(),
+        restored
+            .iter()
+            .map(|c| c.checkpoint.as_str())
+            .collect::<Vec<_>>(),
         [k3.checkpoint.as_str()],
         "expected the checkpoint after k3 (the last one of the dead kernel), not the one \
          after k4 ({}) taken in a fresh kernel",
@@ -834,7 +858,10 @@ async fn a_kept_open_attached_file_reads_on_after_a_restore() {
     let cells = vec![
         cell(
             "o0",
-            &format!("fh = open({:?}, 'rb')\nhead = fh.read(1000)\nprint(len(head))", path.display().to_string()),
+            &format!(
+                "fh = open({:?}, 'rb')\nhead = fh.read(1000)\nprint(len(head))",
+                path.display().to_string()
+            ),
         ),
         cell("o1", "chunk = fh.read(16)\nprint(fh.tell(), chunk.hex())"),
     ];
@@ -857,7 +884,10 @@ async fn a_kept_open_attached_file_reads_on_after_a_restore() {
     let after = nb.checkpoints().await;
     let restored = events(&after, since, CheckpointEvent::Restored);
     assert_eq!(
-        restored.iter().map(|c| c.checkpoint.as_str()).collect::<Vec<_>>(),
+        restored
+            .iter()
+            .map(|c| c.checkpoint.as_str())
+            .collect::<Vec<_>>(),
         [o0.checkpoint.as_str()],
         "expected the checkpoint after the open to be restored: {:?}\n--- log:\n{}",
         &after[since..],

@@ -1211,6 +1211,13 @@ impl Runtime {
             .collect();
         self.notebook = keys.clone();
         let mut start = 0;
+        // The last dump's storing (and the eviction it runs) must be done before a
+        // checkpoint is chosen: it may evict the one `nearest` would pick.
+        if let Some(ck) = self.ckpt.as_mut() {
+            ck.settle().await;
+            let reports = ck.take_reports();
+            self.report_background(reports).await;
+        }
         if from > 0 {
             // Try checkpoints from the nearest backwards; a failed restore marks that
             // one unusable and the next nearest is tried.

@@ -462,7 +462,7 @@ impl Checkpointer {
 
     /// Waits for the background storing of the last dump; what it found goes to
     /// [`Checkpointer::take_reports`].
-    async fn settle(&mut self) {
+    pub async fn settle(&mut self) {
         let Some(Storing { cell, id, task }) = self.pending.take() else {
             return;
         };
