@@ -1487,6 +1487,10 @@ impl Runtime {
             .await;
         if died.is_none() && matches!(end, CellEnd::Done) && status != CellStatus::Aborted {
             self.after_cell(&p, status).await;
+        } else if let Some(k) = self.kernel.as_mut() {
+            // The cell may have changed the kernel's state without an entry: the next
+            // cell's must not be linked to the one before it.
+            set_chain(k, reactive::Chain::Broken);
         }
         if let Some(exit) = died {
             self.kernel_died(exit, Some(&p)).await;
