@@ -67,6 +67,13 @@ use crate::chunks::{
 pub const INDEX_FILE: &str = "index.json";
 /// The chunk store's directory under the root.
 pub const CHUNKS_DIR: &str = "chunks";
+/// Directory under the store's root where CRIU's logs of failed operations are kept
+/// (`<id>-dump.log`, `<id>-restore.log`, ...) once the checkpoint's directory is gone.
+pub const LOGS_DIR: &str = "logs";
+
+/// How many kept log files stay in [`LOGS_DIR`] (the oldest go first).
+pub const KEPT_LOG_FILES: usize = 40;
+
 /// Version of the index format.
 const INDEX_VERSION: u32 = 1;
 
@@ -518,6 +525,49 @@ impl Store {
         &self.chunks
     }
 
+    /// Where CRIU's log `name` of checkpoint `id` is kept after its directory is gone.
+    pub fn kept_log(&self, id: &CheckpointId, name: &str) -> PathBuf {
+        self.config
+            .root
+            .join(LOGS_DIR)
+            .join(format!("{}-{name}", id.as_str()))
+    }
+
+    /// Moves CRIU's logs (`*.log`, `*.log.stderr`) out of `id`'s directory to
+    /// [`Store::kept_log`], keeping the newest [`KEPT_LOG_FILES`] there; returns the
+    /// `(old, new)` paths moved, so that an error naming the old path can name the new
+    /// one. Best effort: a log that cannot be moved is left (and goes with the
+    /// directory).
+    pub fn keep_logs(&self, id: &CheckpointId) -> Vec<(PathBuf, PathBuf)> {
+        let dir = self.dir(id);
+        let Ok(files) = fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let logs = self.config.root.join(LOGS_DIR);
+        let mut moved = Vec::new();
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if !(name.ends_with(".log") || name.ends_with(".log.stderr")) {
+                continue;
+            }
+            if let Err(e) = fs::create_dir_all(&logs) {
+                tracing::warn!(dir = %logs.display(), error = %e, "cannot keep CRIU's logs");
+                return moved;
+            }
+            let to = self.kept_log(id, &name);
+            match fs::rename(f.path(), &to) {
+                Ok(()) => moved.push((f.path(), to)),
+                Err(e) => {
+                    tracing::warn!(log = %f.path().display(), error = %e, "cannot keep CRIU's log")
+                }
+            }
+        }
+        if !moved.is_empty() {
+            prune_logs(&logs, KEPT_LOG_FILES);
+        }
+        moved
+    }
+
     /// Allocates an id and creates its empty images directory, for a dump.
     pub fn allocate(&mut self) -> Result<(CheckpointId, PathBuf), StoreError> {
         self.index.next_id += 1;
@@ -560,6 +610,7 @@ impl Store {
             }
         }
         if outcome.status != Status::Ok {
+            self.keep_logs(&id);
             remove_dir_if_exists(&dir)?;
         }
         self.index.clock += 1;
@@ -658,11 +709,19 @@ impl Store {
 
     /// Drops the hot copies beyond the `limit` most recently used, never `keep`.
     fn limit_hot(&mut self, limit: usize, keep: Option<&CheckpointId>) -> Result<(), StoreError> {
+        // A live incremental dump needs its parent's page images as they are.
+        let parents: BTreeSet<CheckpointId> = self
+            .index
+            .entries
+            .iter()
+            .filter(|e| e.size_bytes > 0)
+            .filter_map(|e| e.parent_images.clone())
+            .collect();
         let mut hot: Vec<(u64, CheckpointId)> = self
             .index
             .entries
             .iter()
-            .filter(|e| e.hot)
+            .filter(|e| e.hot && !parents.contains(&e.id))
             .map(|e| (e.last_used, e.id.clone()))
             .collect();
         hot.sort_by(|a, b| b.cmp(a));
@@ -727,6 +786,7 @@ impl Store {
         reason: impl Into<String>,
     ) -> Result<(), StoreError> {
         let dir = self.dir(id);
+        self.keep_logs(id);
         let entry = self.entry_mut(id)?;
         entry.status = Status::NotRestorable(reason.into());
         entry.size_bytes = 0;
@@ -847,6 +907,26 @@ fn unchunked_bytes(dir: &Path) -> Result<u64, StoreError> {
         }
     }
     Ok(total)
+}
+
+/// Removes the oldest files of `dir` (by modification time, then name) beyond `keep`.
+fn prune_logs(dir: &Path, keep: usize) {
+    let Ok(files) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut all: Vec<(SystemTime, PathBuf)> = files
+        .flatten()
+        .filter_map(|f| {
+            let m = f.metadata().ok()?;
+            m.is_file()
+                .then(|| (m.modified().unwrap_or(UNIX_EPOCH), f.path()))
+        })
+        .collect();
+    all.sort();
+    let excess = all.len().saturating_sub(keep);
+    for (_, p) in all.into_iter().take(excess) {
+        let _ = fs::remove_file(p);
+    }
 }
 
 fn remove_dir_if_exists(dir: &Path) -> Result<(), StoreError> {
@@ -1314,5 +1394,71 @@ mod tests {
             fs::read(img.dir.join("pages-1.img")).unwrap(),
             random(64 * P, 1)
         );
+    }
+
+    #[test]
+    fn logs_of_a_failed_dump_and_a_failed_restore_are_kept_and_bounded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = store(tmp.path(), 1 << 30);
+        // A failed dump: its directory goes, its logs stay under logs/.
+        let (id, dir) = s.allocate().unwrap();
+        fs::write(dir.join("dump.log"), b"Error (criu/x.c:1): boom").unwrap();
+        fs::write(dir.join("dump.log.stderr"), b"stderr").unwrap();
+        fs::write(dir.join("pages-1.img"), b"x").unwrap();
+        s.record(
+            id.clone(),
+            key("a", "h", None),
+            Outcome::failed("boom", Duration::ZERO),
+        )
+        .unwrap();
+        assert!(!dir.exists());
+        let kept = s.kept_log(&id, "dump.log");
+        assert_eq!(
+            kept,
+            tmp.path().join(LOGS_DIR).join(format!("{id}-dump.log"))
+        );
+        assert_eq!(fs::read(&kept).unwrap(), b"Error (criu/x.c:1): boom");
+        assert!(s.kept_log(&id, "dump.log.stderr").exists());
+        assert!(
+            !tmp.path()
+                .join(LOGS_DIR)
+                .join(format!("{id}-pages-1.img"))
+                .exists()
+        );
+
+        // A restore that failed: the checkpoint is marked, its restore log kept, and
+        // keep_logs reports the move so that the error can name the kept path.
+        let ok = add(&mut s, "a", "h", None, 10);
+        fs::write(s.dir(&ok).join("restore.log"), b"restore failed").unwrap();
+        let moved = s.keep_logs(&ok);
+        assert_eq!(
+            moved,
+            vec![(
+                s.dir(&ok).join("restore.log"),
+                s.kept_log(&ok, "restore.log")
+            )]
+        );
+        s.mark_not_restorable(&ok, "restore failed").unwrap();
+        assert_eq!(
+            fs::read(s.kept_log(&ok, "restore.log")).unwrap(),
+            b"restore failed"
+        );
+
+        // Bounded: only the newest KEPT_LOG_FILES stay.
+        for _ in 0..KEPT_LOG_FILES + 5 {
+            let (id, dir) = s.allocate().unwrap();
+            fs::write(dir.join("dump.log"), b"x").unwrap();
+            s.record(
+                id,
+                key("b", "h", None),
+                Outcome::failed("x", Duration::ZERO),
+            )
+            .unwrap();
+        }
+        let n = fs::read_dir(tmp.path().join(LOGS_DIR)).unwrap().count();
+        assert_eq!(n, KEPT_LOG_FILES);
+        // The newest is among them.
+        let last = s.index.entries.last().unwrap().id.clone();
+        assert!(s.kept_log(&last, "dump.log").exists());
     }
 }

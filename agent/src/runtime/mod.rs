@@ -437,9 +437,6 @@ pub struct Runtime {
     ckpt: Option<reactive::Checkpointer>,
     /// Why checkpoints are off, when they are.
     ckpt_off: Option<String>,
-    /// The checkpoint-store entry of the last cell run in the current kernel: the
-    /// predecessor of the next one (`None` for a fresh kernel).
-    last_entry: Option<CheckpointId>,
     /// The notebook's cells as of the last run-from, `(id, code hash)`, to keep their
     /// checkpoints from eviction.
     notebook: Vec<(String, String)>,
@@ -464,7 +461,6 @@ impl Runtime {
             start_error: None,
             ckpt: None,
             ckpt_off: None,
-            last_entry: None,
             notebook: Vec::new(),
         }
     }
@@ -526,28 +522,36 @@ impl Runtime {
     /// After a cell: checkpoint the kernel (if the cell succeeded) or record that its
     /// state is not kept, and report what happened.
     async fn after_cell(&mut self, p: &Pending, status: CellStatus) {
-        let (Some(ck), Some(k)) = (self.ckpt.as_mut(), self.kernel.as_ref()) else {
+        let (Some(ck), Some(k)) = (self.ckpt.as_mut(), self.kernel.as_mut()) else {
             return;
         };
-        let pred = self.last_entry.take();
+        // A resumed cell's code is not known here: its entry cannot be keyed.
+        let pred = match (&p.resume, k.record.chain.predecessor()) {
+            (None, Some(pred)) => pred,
+            _ => {
+                debug!(cell = %p.cell, "the checkpoint chain of this kernel is broken: the cell is not recorded");
+                set_chain(k, reactive::Chain::Broken);
+                return;
+            }
+        };
         if status != CellStatus::Ok {
             let why = match status {
                 CellStatus::Error => "the cell raised an error",
                 _ => "the cell did not finish",
             };
-            match ck.skip(&p.cell, &p.code, pred, why) {
-                Ok(id) => self.last_entry = Some(id),
+            let entry = match ck.skip(&p.cell, &p.code, pred, why) {
+                Ok(id) => Some(id),
                 Err(e) => {
-                    warn!(error = %chain(&e), "cannot record the cell in the checkpoint store")
+                    warn!(error = %chain(&e), "cannot record the cell in the checkpoint store");
+                    None
                 }
-            }
+            };
+            let next = k.record.chain.after_cell(entry);
+            set_chain(k, next);
             return;
         }
-        let cells = if self.notebook.is_empty() {
-            Vec::new()
-        } else {
-            self.notebook.clone()
-        };
+        let cells = self.notebook.clone();
+        let current = k.record.chain.clone();
         let taken = ck
             .take(
                 k.pid(),
@@ -555,15 +559,16 @@ impl Runtime {
                 &k.ports(),
                 &p.cell,
                 &p.code,
-                pred,
+                &current,
                 &cells,
             )
             .await;
+        let next = current.after_cell(taken.as_ref().ok().map(|t| t.id().clone()));
+        set_chain(k, next);
+        let reports = ck.take_reports();
+        self.report_background(reports).await;
         let msg = match taken {
-            Ok(t) => {
-                self.last_entry = Some(t.id().clone());
-                t
-            }
+            Ok(t) => t,
             Err(e) => {
                 warn!(error = %chain(&e), "checkpoint failed");
                 let _ = self
@@ -578,9 +583,9 @@ impl Runtime {
                 id,
                 bytes,
                 duration,
-                evicted,
+                parent,
             } => {
-                info!(cell = %p.cell, checkpoint = %id, bytes, pause_ms = duration.as_millis() as u64, "checkpoint created");
+                info!(cell = %p.cell, checkpoint = %id, bytes, pause_ms = duration.as_millis() as u64, parent = ?parent, "checkpoint created");
                 let _ = self
                     .reporter
                     .checkpoint(
@@ -592,19 +597,6 @@ impl Runtime {
                         "",
                     )
                     .await;
-                for e in evicted {
-                    let _ = self
-                        .reporter
-                        .checkpoint(
-                            "",
-                            e.as_str(),
-                            CheckpointEvent::Evicted,
-                            0,
-                            0,
-                            "over the checkpoint budget",
-                        )
-                        .await;
-                }
             }
             reactive::Taken::NotRestorable { id, reason } => {
                 warn!(cell = %p.cell, %reason, "cell state not restorable");
@@ -641,6 +633,32 @@ impl Runtime {
         }
     }
 
+    /// Reports what the background storing of earlier dumps found: evictions, and a
+    /// checkpoint reported created whose storing then failed.
+    async fn report_background(&self, reports: Vec<reactive::Report>) {
+        for r in reports {
+            let _ = match r {
+                reactive::Report::Evicted(id) => {
+                    self.reporter
+                        .checkpoint(
+                            "",
+                            id.as_str(),
+                            CheckpointEvent::Evicted,
+                            0,
+                            0,
+                            "over the checkpoint budget",
+                        )
+                        .await
+                }
+                reactive::Report::StoreFailed { cell, id, reason } => {
+                    self.reporter
+                        .checkpoint(&cell, id.as_str(), CheckpointEvent::Failed, 0, 0, &reason)
+                        .await
+                }
+            };
+        }
+    }
+
     /// Replaces the live kernel by checkpoint `id`. On failure the kernel is gone
     /// and the checkpoint is marked unusable.
     async fn restore(&mut self, id: &CheckpointId, cell: &str) -> Result<Duration, String> {
@@ -669,14 +687,27 @@ impl Runtime {
             log = record.log.clone();
         }
         let restored = ck.restore(id).await;
+        let reports = ck.take_reports();
+        let restored = match restored {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                // A state that cannot come back (a file it keeps open changed) is
+                // not restorable; anything else is a failed restore.
+                let event = if e.is_not_restorable() {
+                    CheckpointEvent::NotRestorable
+                } else {
+                    CheckpointEvent::Failed
+                };
+                Err((event, ck.mark_not_restorable(id, &chain(&e))))
+            }
+        };
+        self.report_background(reports).await;
         let (pid, criu_time) = match restored {
             Ok(r) => r,
-            Err(e) => {
-                let why = chain(&e);
-                ck.mark_not_restorable(id, &why);
+            Err((event, why)) => {
                 let _ = self
                     .reporter
-                    .checkpoint(cell, id.as_str(), CheckpointEvent::Failed, 0, 0, &why)
+                    .checkpoint(cell, id.as_str(), event, 0, 0, &why)
                     .await;
                 let _ = KernelRecord::remove(&record_path);
                 return Err(why);
@@ -691,7 +722,14 @@ impl Runtime {
             Err(e) => {
                 signal(pid, nix::sys::signal::Signal::SIGKILL);
                 let why = format!("the restored kernel does not answer: {}", chain(&e));
-                ck.mark_not_restorable(id, &why);
+                let why = match self.ckpt.as_mut() {
+                    Some(ck) => ck.mark_not_restorable(id, &why),
+                    None => why,
+                };
+                let _ = self
+                    .reporter
+                    .checkpoint(cell, id.as_str(), CheckpointEvent::Failed, 0, 0, &why)
+                    .await;
                 return Err(why);
             }
         };
@@ -700,6 +738,7 @@ impl Runtime {
             .map(|s| s.start_ticks)
             .unwrap_or(0);
         record.running = None;
+        record.chain = reactive::Chain::After(id.clone());
         if let Err(e) = record.save(&record_path) {
             warn!(error = %chain(&e), "cannot update the kernel record");
         }
@@ -719,7 +758,6 @@ impl Runtime {
             record_path,
             log,
         });
-        self.last_entry = Some(id.clone());
         let ready = begun.elapsed();
         info!(checkpoint = %id, pid, criu_ms = criu_time.as_millis() as u64, ready_ms = ready.as_millis() as u64, "kernel restored");
         let _ = self
@@ -850,6 +888,14 @@ impl Runtime {
             record_path: path,
         };
         kernel.record.session = kernel.client.session().to_owned();
+        // The previous agent may have died before the store recorded the kernel's last
+        // checkpoint (it is stored in the background): then the chain cannot go on.
+        if let reactive::Chain::After(id) = &kernel.record.chain
+            && !self.ckpt.as_ref().is_some_and(|c| c.has_entry(id))
+        {
+            info!(checkpoint = %id, "the adopted kernel's last checkpoint is not in the store: its cells are not recorded until a restore or restart");
+            kernel.record.chain = reactive::Chain::Broken;
+        }
         let _ = kernel.record.save(&kernel.record_path);
         if let Some(running) = kernel.record.running.clone() {
             // The previous agent died during this cell. Its outputs from then until
@@ -990,6 +1036,7 @@ impl Runtime {
             session: String::new(),
             running: None,
             executed: 0,
+            chain: reactive::Chain::Fresh,
         };
         let record_path = self.record_path();
         record.save(&record_path)?;
@@ -1164,6 +1211,13 @@ impl Runtime {
             .collect();
         self.notebook = keys.clone();
         let mut start = 0;
+        // The last dump's storing (and the eviction it runs) must be done before a
+        // checkpoint is chosen: it may evict the one `nearest` would pick.
+        if let Some(ck) = self.ckpt.as_mut() {
+            ck.settle().await;
+            let reports = ck.take_reports();
+            self.report_background(reports).await;
+        }
         if from > 0 {
             // Try checkpoints from the nearest backwards; a failed restore marks that
             // one unusable and the next nearest is tried.
@@ -1209,7 +1263,6 @@ impl Runtime {
     }
 
     async fn restart(&mut self, why: &str) {
-        self.last_entry = None;
         let _ = self.reporter.status(KernelState::Restarting, why).await;
         if let Some(k) = self.kernel.take() {
             let exit = k.stop(&self.cfg).await;
@@ -1434,9 +1487,12 @@ impl Runtime {
             .await;
         if died.is_none() && matches!(end, CellEnd::Done) && status != CellStatus::Aborted {
             self.after_cell(&p, status).await;
+        } else if let Some(k) = self.kernel.as_mut() {
+            // The cell may have changed the kernel's state without an entry: the next
+            // cell's must not be linked to the one before it.
+            set_chain(k, reactive::Chain::Broken);
         }
         if let Some(exit) = died {
-            self.last_entry = None;
             self.kernel_died(exit, Some(&p)).await;
         } else if status == CellStatus::Aborted && matches!(end, CellEnd::Done) {
             // The client's state is unknown after a failed execution: reconnect.
@@ -1463,6 +1519,18 @@ impl Runtime {
             }
             Err(e) => warn!(error = %chain(&e), "cannot reconnect to the kernel"),
         }
+    }
+}
+
+/// Sets the kernel's place in the checkpoint chain and saves its record, so that an
+/// agent adopting the kernel continues from there.
+fn set_chain(k: &mut Kernel, next: reactive::Chain) {
+    if k.record.chain == next {
+        return;
+    }
+    k.record.chain = next;
+    if let Err(e) = k.record.save(&k.record_path) {
+        warn!(error = %chain(&e), "cannot update the kernel record");
     }
 }
 

@@ -45,6 +45,46 @@ pub fn code_hash(code: &str) -> String {
     hex::encode(Sha256::digest(code.as_bytes()))
 }
 
+/// Where the live kernel stands in the checkpoint store: what the next cell's entry
+/// is linked to. Kept in the kernel's record (so that an agent adopting the kernel
+/// continues the chain), and reset with the kernel: a fresh kernel starts at
+/// [`Chain::Fresh`], a restored one at [`Chain::After`] its checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "entry")]
+pub enum Chain {
+    /// A fresh kernel: no cell has run in it.
+    Fresh,
+    /// The last cell run in this kernel has this entry.
+    After(CheckpointId),
+    /// Unknown (a record from an agent that did not keep the chain, a resumed cell
+    /// whose code is not known, an entry that could not be recorded): cells are not
+    /// recorded until the next restore or restart, because linking them to a guessed
+    /// predecessor would let a re-run restore a wrong state.
+    #[default]
+    Broken,
+}
+
+impl Chain {
+    /// The predecessor of the next cell's entry (`Some(None)`: a root entry), or
+    /// `None` when the chain is broken and the cell must not be recorded.
+    pub fn predecessor(&self) -> Option<Option<CheckpointId>> {
+        match self {
+            Chain::Fresh => Some(None),
+            Chain::After(id) => Some(Some(id.clone())),
+            Chain::Broken => None,
+        }
+    }
+
+    /// The chain after a cell: `entry` is its recorded entry, `None` if it could not
+    /// be recorded.
+    pub fn after_cell(&self, entry: Option<CheckpointId>) -> Chain {
+        match (self, entry) {
+            (Chain::Broken, _) | (_, None) => Chain::Broken,
+            (_, Some(id)) => Chain::After(id),
+        }
+    }
+}
+
 /// A file the kernel held open for writing (not append-only) at a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldFile {
@@ -179,8 +219,8 @@ pub enum Taken {
         bytes: u64,
         /// The pause.
         duration: Duration,
-        /// Checkpoints evicted to stay within the budget.
-        evicted: Vec<CheckpointId>,
+        /// The incremental dump's parent, if it was one.
+        parent: Option<CheckpointId>,
     },
     /// The state after this cell cannot be restored; the entry keeps the path.
     NotRestorable {
@@ -211,6 +251,57 @@ impl Taken {
     }
 }
 
+/// Something learnt after the fact (while storing a dump in the background), to be
+/// reported: see [`Checkpointer::take_reports`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// Evicted to stay within the budget.
+    Evicted(CheckpointId),
+    /// Storing the dump of `cell` failed after it was reported created.
+    StoreFailed {
+        /// The cell.
+        cell: String,
+        /// The checkpoint.
+        id: CheckpointId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The background storing of one dump.
+#[derive(Debug)]
+struct Storing {
+    cell: String,
+    id: CheckpointId,
+    task: tokio::task::JoinHandle<Result<Vec<CheckpointId>, ReactiveError>>,
+}
+
+/// Whether to dump incrementally, and against which checkpoint: the previous dump of
+/// the same live kernel (`chain`), if the kernel tracks dirty memory and that
+/// checkpoint's page images are there as CRIU wrote them (`images_present`).
+pub fn incremental_parent(
+    dirty_tracking: bool,
+    chain: &Chain,
+    images_present: impl FnOnce(&CheckpointId) -> bool,
+) -> Option<CheckpointId> {
+    if !dirty_tracking {
+        return None;
+    }
+    match chain {
+        Chain::After(id) if images_present(id) => Some(id.clone()),
+        _ => None,
+    }
+}
+
+/// Replaces, in `text`, every moved path by its new place.
+fn rename_paths(text: &str, moved: &[(PathBuf, PathBuf)]) -> String {
+    let mut out = text.to_owned();
+    for (from, to) in moved {
+        out = out.replace(&*from.to_string_lossy(), &to.to_string_lossy());
+    }
+    out
+}
+
 /// Errors of the checkpoint engine.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -221,12 +312,27 @@ pub enum ReactiveError {
     /// CRIU failed.
     #[error("criu")]
     Criu(#[from] nbagent_checkpoint::CriuError),
-    /// A file the checkpoint depends on changed.
+    /// The checkpoint cannot be used (the kernel's chain is broken, a setting failed).
     #[error("{0}")]
     Unsafe(String),
+    /// A file the checkpoint depends on changed since: the state cannot come back.
+    #[error("{0}")]
+    NotRestorable(String),
     /// The blocking task failed.
     #[error("checkpoint task failed")]
     Join(#[from] tokio::task::JoinError),
+}
+
+impl ReactiveError {
+    /// Whether the checkpoint cannot be restored because of what the kernel did after
+    /// it (a file it held open for writing changed), rather than a failure.
+    pub fn is_not_restorable(&self) -> bool {
+        matches!(
+            self,
+            ReactiveError::NotRestorable(_)
+                | ReactiveError::Criu(nbagent_checkpoint::CriuError::FileSizeChanged { .. })
+        )
+    }
 }
 
 /// The checkpoint engine: CRIU plus the store.
@@ -236,7 +342,11 @@ pub struct Checkpointer {
     store: std::sync::Arc<std::sync::Mutex<Store>>,
     /// Storing the last dump (chunking, eviction) runs while the next cell does; this
     /// is its task, awaited before the store is used for anything else that waits.
-    pending: Option<tokio::task::JoinHandle<Result<Vec<CheckpointId>, ReactiveError>>>,
+    pending: Option<Storing>,
+    /// What the background storing found, until the runtime reports it.
+    reports: Vec<Report>,
+    /// The kernel tracks dirty memory: dumps can be incremental.
+    dirty_tracking: bool,
     notebook: String,
     proc_root: PathBuf,
     run_as: Option<RunAs>,
@@ -333,6 +443,8 @@ impl Checkpointer {
             criu: std::sync::Arc::new(criu),
             store: std::sync::Arc::new(std::sync::Mutex::new(store)),
             pending: None,
+            reports: Vec::new(),
+            dirty_tracking: probe.mem_dirty_track,
             notebook: DEFAULT_NOTEBOOK.into(),
             proc_root: proc_root.to_owned(),
             run_as,
@@ -348,23 +460,33 @@ impl Checkpointer {
         }
     }
 
-    /// Waits for the background storing of the last dump; returns the checkpoints it
-    /// evicted.
-    async fn settle(&mut self) -> Vec<CheckpointId> {
-        let Some(task) = self.pending.take() else {
-            return Vec::new();
+    /// Waits for the background storing of the last dump; what it found goes to
+    /// [`Checkpointer::take_reports`].
+    pub async fn settle(&mut self) {
+        let Some(Storing { cell, id, task }) = self.pending.take() else {
+            return;
         };
-        match task.await {
-            Ok(Ok(evicted)) => evicted,
-            Ok(Err(e)) => {
-                warn!(error = %crate::runtime::chain(&e), "storing the last checkpoint failed");
-                Vec::new()
+        let reason = match task.await {
+            Ok(Ok(evicted)) => {
+                self.reports
+                    .extend(evicted.into_iter().map(Report::Evicted));
+                return;
             }
-            Err(e) => {
-                warn!(error = %e, "the checkpoint storing task failed");
-                Vec::new()
-            }
-        }
+            Ok(Err(e)) => crate::runtime::chain(&e),
+            Err(e) => format!("the checkpoint storing task failed: {e}"),
+        };
+        warn!(checkpoint = %id, %reason, "storing the last checkpoint failed");
+        self.reports.push(Report::StoreFailed {
+            cell,
+            id,
+            reason: format!("storing the checkpoint failed after it was taken: {reason}"),
+        });
+    }
+
+    /// What was learnt since the last call (evictions, a dump whose storing failed),
+    /// for the runtime to report.
+    pub fn take_reports(&mut self) -> Vec<Report> {
+        std::mem::take(&mut self.reports)
     }
 
     fn key(&self, cell: &str, code: &str, predecessor: Option<CheckpointId>) -> CheckpointKey {
@@ -404,12 +526,17 @@ impl Checkpointer {
         own_ports: &BTreeSet<u16>,
         cell: &str,
         code: &str,
-        predecessor: Option<CheckpointId>,
+        chain: &Chain,
         notebook_cells: &[(String, String)],
     ) -> Result<Taken, ReactiveError> {
         let begun = Instant::now();
+        let Some(predecessor) = chain.predecessor() else {
+            return Err(ReactiveError::Unsafe(
+                "the kernel's checkpoint chain is broken".into(),
+            ));
+        };
         self.finish_lazy().await;
-        let evicted = self.settle().await;
+        self.settle().await;
         let pids = nbagent_checkpoint::descendants(pid);
         let found = inspect(&self.proc_root, &pids, own_ports);
         let (id, dir) = self.lock().allocate()?;
@@ -425,6 +552,16 @@ impl Checkpointer {
             self.lock().mark_not_restorable(&id, reason.clone())?;
             return Ok(Taken::NotRestorable { id, reason });
         }
+        let parent = {
+            let store = self.lock();
+            incremental_parent(self.dirty_tracking, chain, |id| {
+                store
+                    .get(id)
+                    .is_some_and(|e| e.usable() && (e.hot || !e.chunked))
+            })
+        };
+        let mut opts = DumpOptions::default();
+        opts.parent = parent.as_ref().map(|p| self.lock().dir(p));
         let criu = self.criu.clone();
         let images = dir.clone();
         let run_as = self.run_as;
@@ -440,7 +577,7 @@ impl Checkpointer {
                     }
                 })?;
             }
-            let r = criu.dump(pid, &images, &DumpOptions::default());
+            let r = criu.dump(pid, &images, &opts);
             if let Some(u) = run_as
                 && let Err(e) = own_tree(&images, 0, u.gid, 0o750, 0o640)
             {
@@ -465,25 +602,35 @@ impl Checkpointer {
                 let store = self.store.clone();
                 let (rid, notebook, cells) =
                     (id.clone(), self.notebook.clone(), notebook_cells.to_vec());
-                let outcome = Outcome::ok(stats.image_bytes, stats.duration);
-                self.pending = Some(tokio::task::spawn_blocking(move || {
+                let parent = parent.filter(|_| stats.incremental);
+                let mut outcome = Outcome::ok(stats.image_bytes, stats.duration);
+                outcome.parent_images = parent.clone();
+                let task = tokio::task::spawn_blocking(move || {
                     let mut store = match store.lock() {
                         Ok(g) => g,
                         Err(p) => p.into_inner(),
                     };
                     store.record(rid, key, outcome)?;
                     Ok(store.evict(&notebook, &cells)?)
-                }));
+                });
+                self.pending = Some(Storing {
+                    cell: cell.to_owned(),
+                    id: id.clone(),
+                    task,
+                });
                 debug!(checkpoint = %id, bytes = stats.image_bytes, "checkpoint taken");
                 Ok(Taken::Created {
                     id,
                     bytes: stats.image_bytes,
                     duration: begun.elapsed(),
-                    evicted,
+                    parent,
                 })
             }
             Err(e) => {
-                let reason = crate::runtime::chain(&e);
+                // The directory goes with the failed dump; CRIU's logs are kept and
+                // the reason names where.
+                let moved = self.lock().keep_logs(&id);
+                let reason = rename_paths(&crate::runtime::chain(&e), &moved);
                 self.lock()
                     .record(id.clone(), key, Outcome::failed(&reason, begun.elapsed()))?;
                 Ok(Taken::Failed {
@@ -501,6 +648,11 @@ impl Checkpointer {
         self.lock()
             .nearest(&self.notebook, cells, k)
             .map(|n| (n.cell_index, n.entry.id))
+    }
+
+    /// Whether the store has an entry `id` (of any status).
+    pub fn has_entry(&self, id: &CheckpointId) -> bool {
+        self.lock().get(id).is_some()
     }
 
     /// The record of the kernel dumped into checkpoint `id` (its connection info and
@@ -534,11 +686,16 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// Marks a checkpoint unusable.
-    pub fn mark_not_restorable(&mut self, id: &CheckpointId, reason: &str) {
-        if let Err(e) = self.lock().mark_not_restorable(id, reason) {
+    /// Marks a checkpoint unusable, keeping CRIU's logs of it; returns `reason` with
+    /// the paths of the logs it names replaced by where they are kept.
+    pub fn mark_not_restorable(&mut self, id: &CheckpointId, reason: &str) -> String {
+        let mut store = self.lock();
+        let moved = store.keep_logs(id);
+        let reason = rename_paths(reason, &moved);
+        if let Err(e) = store.mark_not_restorable(id, reason.as_str()) {
             warn!(checkpoint = %id, error = %e, "cannot mark the checkpoint");
         }
+        reason
     }
 
     /// Waits until the lazy-pages daemon of the last restore has served every page:
@@ -558,7 +715,7 @@ impl Checkpointer {
     /// restored init, a child of this process.
     pub async fn restore(&mut self, id: &CheckpointId) -> Result<(i32, Duration), ReactiveError> {
         self.settle().await;
-        self.check_files(id).map_err(ReactiveError::Unsafe)?;
+        self.check_files(id).map_err(ReactiveError::NotRestorable)?;
         let criu = self.criu.clone();
         // Deduplicated images are rebuilt (unless this is the hot checkpoint).
         let images = self.lock().images(id)?;
@@ -603,6 +760,75 @@ mod tests {
         assert!(cwd.join(CRIU_PROC_SCRATCH).join("keep").exists());
         // No such process: nothing happens.
         clear_stale_proc_scratch(&root.path().join("proc"), 8);
+    }
+
+    fn id(n: u32) -> CheckpointId {
+        serde_json::from_value(serde_json::json!(format!("c{n:010}"))).unwrap()
+    }
+
+    #[test]
+    fn the_chain_links_cells_of_one_kernel_and_breaks_when_unknown() {
+        // A fresh kernel: the first cell's entry is a root.
+        let fresh = Chain::Fresh;
+        assert_eq!(fresh.predecessor(), Some(None));
+        let a = fresh.after_cell(Some(id(1)));
+        assert_eq!(a, Chain::After(id(1)));
+        assert_eq!(a.predecessor(), Some(Some(id(1))));
+        let b = a.after_cell(Some(id(2)));
+        assert_eq!(b.predecessor(), Some(Some(id(2))));
+        // A cell that could not be recorded breaks it: the next cell must not be
+        // linked to the entry before it.
+        let broken = b.after_cell(None);
+        assert_eq!(broken, Chain::Broken);
+        assert_eq!(broken.predecessor(), None);
+        // And it stays broken (until a restore or a new kernel replaces it).
+        assert_eq!(broken.after_cell(Some(id(3))), Chain::Broken);
+    }
+
+    #[test]
+    fn the_chain_is_kept_in_the_kernel_record() {
+        for c in [Chain::Fresh, Chain::After(id(7)), Chain::Broken] {
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<Chain>(&json).unwrap(), c, "{json}");
+        }
+        assert_eq!(Chain::default(), Chain::Broken);
+    }
+
+    #[test]
+    fn an_incremental_parent_needs_tracking_a_previous_dump_and_its_images() {
+        let prev = Chain::After(id(4));
+        assert_eq!(incremental_parent(true, &prev, |_| true), Some(id(4)));
+        // No soft-dirty tracking (this machine's kernel): always a full dump.
+        assert_eq!(incremental_parent(false, &prev, |_| true), None);
+        // The previous checkpoint's page images are gone (evicted, chunked and cold).
+        assert_eq!(incremental_parent(true, &prev, |_| false), None);
+        // A fresh kernel, or an unknown chain: nothing to diff against.
+        assert_eq!(incremental_parent(true, &Chain::Fresh, |_| true), None);
+        assert_eq!(incremental_parent(true, &Chain::Broken, |_| true), None);
+        // The images checked are those of the previous checkpoint.
+        assert_eq!(incremental_parent(true, &prev, |c| *c == id(3)), None);
+    }
+
+    #[test]
+    fn moved_log_paths_are_renamed_in_a_reason() {
+        let moved = vec![(
+            PathBuf::from("/ck/c0000000002/dump.log"),
+            PathBuf::from("/ck/logs/c0000000002-dump.log"),
+        )];
+        let r = rename_paths(
+            "criu dump failed: x; log /ck/c0000000002/dump.log: ...",
+            &moved,
+        );
+        assert_eq!(
+            r,
+            "criu dump failed: x; log /ck/logs/c0000000002-dump.log: ..."
+        );
+    }
+
+    #[test]
+    fn a_changed_file_is_not_restorable_and_other_errors_are_failures() {
+        assert!(ReactiveError::NotRestorable("grown".into()).is_not_restorable());
+        assert!(!ReactiveError::Unsafe("broken chain".into()).is_not_restorable());
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub struct KernelRecord {
     /// Cells executed so far in this kernel (for reports after adoption).
     #[serde(default)]
     pub executed: u64,
+    /// Where this kernel stands in the checkpoint store (reactive mode); a record
+    /// without it (an older agent's) is [`Chain::Broken`].
+    #[serde(default)]
+    pub chain: super::reactive::Chain,
 }
 
 impl KernelRecord {
@@ -222,6 +226,7 @@ mod tests {
             session: String::new(),
             running: None,
             executed: 0,
+            chain: super::super::reactive::Chain::Fresh,
         };
         assert!(r.is_alive(Path::new("/proc")));
         r.start_ticks += 1;
@@ -249,6 +254,9 @@ mod tests {
                 started_ms: 1,
             }),
             executed: 3,
+            chain: super::super::reactive::Chain::After(
+                serde_json::from_str("\"c0000000004\"").unwrap(),
+            ),
         };
         r.save(&path).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -264,5 +272,18 @@ mod tests {
         ));
         KernelRecord::remove(&path).unwrap();
         KernelRecord::remove(&path).unwrap();
+    }
+
+    #[test]
+    fn a_record_without_a_chain_has_a_broken_one() {
+        // An older agent's record: the entry of the kernel's last cell is unknown, so
+        // the adopting agent must not link the next cell to a guessed predecessor.
+        let old = serde_json::json!({
+            "pid": 7, "start_ticks": 9, "connection": {}, "kernel_name": "python3",
+            "interrupt_by_message": true, "log": "/tmp/k.log", "user": "nbuser"
+        });
+        let r: KernelRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(r.chain, super::super::reactive::Chain::Broken);
+        assert_eq!(r.chain.predecessor(), None);
     }
 }
