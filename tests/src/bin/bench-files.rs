@@ -11,7 +11,9 @@
 //!  cargo run --release -p nbagent-tests --bin bench-files [-- --size-mib 1024 --files 10000]`
 //!
 //! Needs root (to drop the page cache and to mount), `/dev/fuse`, and what the kernel
-//! tests need (the `nbuser` account, /opt/nbagent/venv).
+//! tests need (the `nbuser` account, /opt/nbagent/venv); and about 7x the file size free
+//! in `$TMPDIR` (native copies, the server's blobs, the agent's cache, staging and
+//! outbox all live there, on one filesystem).
 //!
 //! Method. "Cold" means the page cache was dropped first (`echo 3 >
 //! /proc/sys/vm/drop_caches`, which also forgets FUSE's dentries and inodes) and, for the
@@ -24,12 +26,55 @@
 //! the outbox as `file_chunk` messages; when the server has stored it is printed below
 //! the table.
 //!
-//! Measured here (release, kernel 6.18, 2 vCPUs shared with other builds; FUSE
-//! passthrough on):
+//! Measured here (release; kernel 6.18, 2 vCPUs shared with three other helpers' builds,
+//! load average 5-8, so figures move by 2x between runs; the disk was full, so
+//! `TMPDIR=/dev/shm`: both sides on tmpfs, where "cold" native reads are memory reads):
 //!
 //! ```text
-//! (filled in from a run)
+//! attached files over the real channel (release binaries; nbserver over mutual TLS; FUSE passthrough on)
+//! native side, the server's blobs and the agent's cache, staging and outbox: tmpfs (tmpfs at /dev/shm)
+//!
+//!                                             native       nbagent    ratio            target  met
+//! 1024 MiB seq read, cold (from server)     7.04 GB/s     0.21 GB/s       3%      >= 1.00 GB/s   NO
+//! 1024 MiB seq read, warm                  7.45 GB/s     4.61 GB/s      62%     >= 90% native   NO
+//! 1024 MiB seq write + close               3.31 GB/s     0.40 GB/s      12%     >= 50% native   NO
+//! stat 10000 files, cold (listing)        406k ops/s     83k ops/s      20%      >= 20k ops/s  yes
+//! stat 10000 files, warm                  884k ops/s    760k ops/s      86%     >= 80% native  yes
+//! open+4 KiB read+close x10000, cold    255k files/s    4k files/s       2%                 -    -
+//! open+4 KiB read+close x10000, warm    358k files/s   72k files/s      20%                 -    -
+//!
+//! out.bin stored by the server 3.7 s after its close returned
 //! ```
+//!
+//! Where the time goes, for the targets missed:
+//!
+//! - **Cold read** (0.2 GB/s, target 1 GB/s). The content cache fetches its read-ahead
+//!   window (up to 16 MiB) as 4 MiB `file_read` queries one after the other, and the
+//!   server answers one connection's queries in order (database lookup, blob read,
+//!   TLS), so one request is in flight at a time. `perf record -a` during the read:
+//!   the server's AES-GCM encryption, the agent's decryption, memmove and the two FUSE
+//!   threads together use ~0.7 of the 2 vCPUs (the rest went to other builds): the path
+//!   is latency-bound, not CPU-bound. The fix is several fetches in flight (the cache
+//!   fetching the window's chunks concurrently, the server answering `file_read` off its
+//!   read loop); not cheap, left. Per byte the path costs two AES-GCM passes and about
+//!   five copies, so even pipelined, 1 GB/s on two vCPUs is at the edge.
+//! - **Write + close** (0.2-0.4 GB/s, target 50% of native). The writes themselves go
+//!   to the staged file through passthrough; the close then copies the staged file to a
+//!   snapshot (the kernel may keep writing), hashes it (SHA-256: the version travels in
+//!   every `file_chunk` header, so it is needed before the first chunk) and appends
+//!   1 GiB to the outbox, whose default 1 GiB bound makes the tail wait for the
+//!   server's acknowledgements: three passes over the file plus backpressure. Hashing
+//!   while copying, and a version sent after the chunks, would remove two of them; a
+//!   protocol change, left.
+//! - **Warm read** (62-170% across runs; passthrough on): within the noise of this
+//!   shared machine; the read is passed through to the complete cache file.
+//! - **Small files, cold** (4-6k files/s): each open fetches the whole file from the
+//!   server, one round trip per file; the first listing itself is cheap (the cold stat
+//!   loop, which includes it, meets its target).
+//!
+//! The first run found a bug: the listing of the 10,000 files is a 1.5 MB `file_listing`
+//! header, over the protocol's 1 MiB limit, and the agent dropped the connection at
+//! every re-listing; the agent now accepts headers of up to 16 MiB from the server.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -153,6 +198,16 @@ fn small_reads(dir: &Path, n: usize) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
+/// The shortest of `n` runs (warm figures: the machine is shared, the best run is the
+/// one least disturbed).
+fn best_of(n: usize, mut f: impl FnMut() -> anyhow::Result<Duration>) -> anyhow::Result<Duration> {
+    let mut best = f()?;
+    for _ in 1..n {
+        best = best.min(f()?);
+    }
+    Ok(best)
+}
+
 /// Compares two files chunk by chunk (untimed).
 fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
     let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
@@ -185,6 +240,21 @@ async fn run_blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await?
+}
+
+/// The type of the filesystem holding `path` (the longest matching mount point).
+fn fs_type_of(path: &Path) -> String {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (dev, at, ty) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(at)
+                .then(|| (at.len(), format!("{ty} ({dev} at {at})")))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map_or_else(|| "unknown".to_owned(), |(_, t)| t)
 }
 
 /// Whether the agent reported the notebook tree mounted with passthrough.
@@ -270,7 +340,8 @@ async fn main() -> anyhow::Result<()> {
     let n = args.files;
 
     // The native side: the same bytes on the same disk.
-    let native = tempfile::tempdir_in("/var/tmp")?;
+    let native = tempfile::tempdir()?;
+    let fs_type = fs_type_of(native.path());
     let mounts = tempfile::tempdir()?;
     fs::set_permissions(
         mounts.path(),
@@ -355,10 +426,8 @@ async fn main() -> anyhow::Result<()> {
             fuse_bytes == bytes,
             "the mount read {fuse_bytes} of {bytes} bytes"
         );
-        read_all(&nb2)?;
-        let (_, native_warm) = read_all(&nb2)?;
-        read_all(&fb2)?;
-        let (_, fuse_warm) = read_all(&fb2)?;
+        let native_warm = best_of(3, || Ok(read_all(&nb2)?.1))?;
+        let fuse_warm = best_of(3, || Ok(read_all(&fb2)?.1))?;
         let same = same_content(&nb2, &fb2)?;
         Ok((native_cold, fuse_cold, native_warm, fuse_warm, same))
     })
@@ -440,16 +509,16 @@ async fn main() -> anyhow::Result<()> {
         touch_memory(256 << 20);
         drop_caches()?;
         let native_cold = stat_loop(&nm, n)?;
-        let native_warm = stat_loop(&nm, n)?;
+        let native_warm = best_of(3, || stat_loop(&nm, n))?;
         drop_caches()?;
         let fuse_cold = stat_loop(&fm, n)?;
-        let fuse_warm = stat_loop(&fm, n)?;
+        let fuse_warm = best_of(3, || stat_loop(&fm, n))?;
         drop_caches()?;
         let native_rd_cold = small_reads(&nm, n)?;
-        let native_rd_warm = small_reads(&nm, n)?;
+        let native_rd_warm = best_of(3, || small_reads(&nm, n))?;
         drop_caches()?;
         let fuse_rd_cold = small_reads(&fm, n)?;
-        let fuse_rd_warm = small_reads(&fm, n)?;
+        let fuse_rd_warm = best_of(3, || small_reads(&fm, n))?;
         Ok((
             [native_cold, fuse_cold, native_warm, fuse_warm],
             [native_rd_cold, fuse_rd_cold, native_rd_warm, fuse_rd_warm],
@@ -498,6 +567,9 @@ async fn main() -> anyhow::Result<()> {
             Some(false) => "off",
             None => "unknown",
         }
+    );
+    println!(
+        "native side, the server's blobs and the agent's cache, staging and outbox: {fs_type}"
     );
     println!();
     println!(
