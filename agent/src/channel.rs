@@ -24,6 +24,14 @@ use tracing::{debug, error, info, warn};
 use crate::identity::{self, Identity, ServerTrust, TlsRefusal};
 use crate::sender::Shared;
 
+/// Limits of frames from the server. Headers may be larger than the protocol's default
+/// 1 MiB: a `file_listing` carries the whole tree in its header (~150 bytes an entry,
+/// so a 10,000-file tree is ~1.5 MB and the 100,000 entries fusefs accepts ~15 MB).
+pub const FROM_SERVER: Limits = Limits {
+    max_header: 16 << 20,
+    max_payload: nbagent_protocol::codec::DEFAULT_MAX_PAYLOAD,
+};
+
 /// Software string sent in hello/enroll.
 pub const SOFTWARE: &str = concat!("nbagent/", env!("CARGO_PKG_VERSION"));
 
@@ -428,7 +436,7 @@ pub async fn enroll(config: &ChannelConfig, token: &str) -> Result<Identity, Cha
     let (key, csr_pem) = identity::generate_key_and_csr()?;
     let io = tls_connect(config, trust, None).await?;
     let (rd, mut wr) = tokio::io::split(io);
-    let mut reader = FrameReader::new(rd, Limits::default());
+    let mut reader = FrameReader::new(rd, FROM_SERVER);
     write_frame(
         &mut wr,
         &Frame::control(Message::Enroll {
@@ -552,7 +560,7 @@ async fn connect(
         }
     };
     let (rd, mut wr) = tokio::io::split(io);
-    let mut reader = FrameReader::new(rd, Limits::default());
+    let mut reader = FrameReader::new(rd, FROM_SERVER);
     write_frame(
         &mut wr,
         &Frame::control(Message::Hello {

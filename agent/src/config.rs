@@ -183,6 +183,11 @@ pub struct AgentArgs {
     )]
     pub workspace_files: PathBuf,
 
+    /// The FUSE device the capability probe checks. When it does not exist or cannot be
+    /// opened, `--files-mode auto` copies the attached files instead of mounting them.
+    #[arg(long, env = "NBAGENT_DEV_FUSE", default_value = "/dev/fuse")]
+    pub dev_fuse: PathBuf,
+
     /// How long a listing or read of an attached file waits for the server before the
     /// kernel gets EIO, seconds.
     #[arg(long, env = "NBAGENT_FILES_TIMEOUT_SECS", default_value_t = 10)]

@@ -151,6 +151,7 @@ pub fn runtime_config(args: &AgentArgs) -> runtime::RuntimeConfig {
             .unwrap_or_else(|| runtime_dir.join("checkpoints")),
         checkpoint_budget: args.checkpoint_budget_mb.saturating_mul(1 << 20),
         lazy_restore: args.lazy_restore,
+        dev_fuse: args.dev_fuse.clone(),
     }
 }
 
@@ -170,9 +171,15 @@ pub fn files_config(args: &AgentArgs) -> Option<files::FilesConfig> {
                 nix::unistd::getegid().as_raw(),
             )
         });
-    let fuse = capabilities::probe_fuse_mount(&capabilities::ProbeConfig::default());
+    let fuse = capabilities::probe_fuse_mount(&capabilities::ProbeConfig {
+        dev_fuse: args.dev_fuse.clone(),
+        ..capabilities::ProbeConfig::default()
+    });
     let fuse_unavailable = match args.files_mode {
-        files::FilesMode::Auto if !fuse.enabled => Some(fuse.detail),
+        files::FilesMode::Auto if !fuse.enabled => Some(format!(
+            "{}; to mount them: {}",
+            fuse.detail, fuse.how_to_enable
+        )),
         _ => None,
     };
     Some(files::FilesConfig {

@@ -1,7 +1,8 @@
 //! Attached files end to end: files attached on an in-process `nbserver` appear in the
 //! container through the real FUSE mount of the real `nbagent` (under `nbsupervisor`),
 //! a real ipykernel reads and writes them as `nbuser`, and what it writes reaches the
-//! server, also across a server outage; plus copy mode when FUSE is not used.
+//! server, also across a server outage; plus copy mode, forced and as the automatic
+//! fallback when the FUSE device is missing (`NBAGENT_DEV_FUSE` pointed elsewhere).
 //!
 //! Needs root, `/dev/fuse`, the `nbuser` account and the kernel venv with pandas
 //! (`scripts/setup.sh`); each test says why it skips when they are missing. The mount
@@ -496,4 +497,107 @@ print('tree', walk(NB))
         .await;
     assert_eq!(kernel_tree(&out), expected, "{out}");
     assert!(out.ends_with("a,b\n1,2\n"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_copies_when_the_fuse_device_is_missing() {
+    if skip("auto_mode_copies_when_the_fuse_device_is_missing", false) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mounts = Mounts::new();
+    // The probe looks at a device that does not exist, as in a container started
+    // without `--device /dev/fuse`; nothing forces copy mode.
+    let missing = mounts.dir.path().join("no-such-fuse");
+    let mut setup = mounts.setup("auto", attached());
+    setup
+        .env
+        .push(("NBAGENT_DEV_FUSE".into(), missing.display().to_string()));
+    let mut nb = Notebook::start(setup).await;
+    nb.wait_kernel_ready(Duration::from_secs(60)).await;
+    let nbdir = mounts.notebook().display().to_string();
+    let mount_table = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mount_table.contains(&nbdir),
+        "no mount without the device:\n{mount_table}"
+    );
+    // The capability report says the same.
+    let features = nb.capabilities().await;
+    let fuse = features
+        .iter()
+        .find(|f| f.name == "fuse_mount")
+        .expect("fuse_mount feature");
+    assert!(
+        !fuse.enabled && fuse.detail.contains(&missing.display().to_string()),
+        "{fuse:?}"
+    );
+    // The user is told the files are a copy, that the device does not exist, and what
+    // would turn the mount on.
+    let notices = nb.messages("output_gap").await;
+    let reason = notices
+        .iter()
+        .find_map(|s| match &s.msg {
+            Message::OutputGap { reason, .. } if reason.contains("copy") => Some(reason.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no copy-mode notice: {notices:?}\n{}", nb.log_tail()));
+    assert!(
+        reason.contains(&format!("{} does not exist", missing.display())),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("--device /dev/fuse") && reason.contains("SYS_ADMIN"),
+        "{reason}"
+    );
+    assert!(!reason.contains("--files-mode copy"), "{reason}");
+
+    // pandas reads the attached CSV from the usual path; what the kernel writes is
+    // uploaded at shutdown, not before.
+    let out = nb.stdout(&format!("NB = {nbdir:?}\n{SUMMARY_CODE}")).await;
+    assert!(out.contains("revenue 3365.75"), "{out}");
+    assert!(out.contains("owner True"), "{out}");
+    let expected = "city,units,price,revenue\nBerlin,120,9.5,1140.0\nPrague,95,8.0,760.0\nAmsterdam,143,10.25,1465.75\n";
+    let kernel_sha = out
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256 "))
+        .expect("sha256 line")
+        .to_owned();
+    assert_eq!(kernel_sha, sha256_hex(expected.as_bytes()));
+    assert!(
+        nb.server
+            .state
+            .store
+            .file(&nb.agent, "notebook", "summary.csv")
+            .await
+            .unwrap()
+            .is_none(),
+        "uploaded before the shutdown"
+    );
+    nb.command(&Message::Shutdown {
+        reason: "test finished".into(),
+        deadline_ms: 10_000,
+    })
+    .await;
+    let status = nb.wait_exit(Duration::from_secs(40)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n--- log:\n{}",
+        nb.log_tail()
+    );
+    wait_server_file(
+        &nb,
+        "summary.csv",
+        expected.as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    let record = nb
+        .server
+        .state
+        .store
+        .file(&nb.agent, "notebook", "summary.csv")
+        .await
+        .unwrap()
+        .expect("summary.csv recorded");
+    assert_eq!(record.version, kernel_sha);
 }

@@ -90,6 +90,8 @@ pub struct RuntimeConfig {
     pub checkpoint_budget: u64,
     /// Restore lazily where userfaultfd allows it.
     pub lazy_restore: bool,
+    /// The FUSE device the capability probe checks (`--dev-fuse`).
+    pub dev_fuse: PathBuf,
 }
 
 /// How the runtime ended.
@@ -1110,6 +1112,7 @@ impl Runtime {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Frame>) -> RuntimeExit {
         let mut probe = capabilities::ProbeConfig {
             criu: self.cfg.criu.clone(),
+            dev_fuse: self.cfg.dev_fuse.clone(),
             ..capabilities::ProbeConfig::default()
         };
         if let Some(u) = self

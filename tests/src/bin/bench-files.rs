@@ -1,0 +1,601 @@
+//! Attached-files benchmark over the real channel: the real `nbsupervisor` runs the real
+//! `nbagent` (and its ipykernel, which stays idle), files are attached on an in-process
+//! `nbserver` through its API, and the agent mounts them with FUSE and serves every
+//! listing and read through its production path (`ChannelBacking` -> `files::serve` ->
+//! mutual TLS -> nbserver's files table and blob store). The benchmark process times
+//! file operations as root against the mount points, side by side with the same
+//! operations on the native filesystem of the same disk, and prints each ratio with its
+//! target.
+//!
+//! `cargo build --release --bins -p nbagent -p nbserver -p nbsupervisor &&
+//!  cargo run --release -p nbagent-tests --bin bench-files [-- --size-mib 1024 --files 10000]`
+//!
+//! Needs root (to drop the page cache and to mount), `/dev/fuse`, and what the kernel
+//! tests need (the `nbuser` account, /opt/nbagent/venv); and about 7x the file size free
+//! in `$TMPDIR` (native copies, the server's blobs, the agent's cache, staging and
+//! outbox all live there, on one filesystem).
+//!
+//! Method. "Cold" means the page cache was dropped first (`echo 3 >
+//! /proc/sys/vm/drop_caches`, which also forgets FUSE's dentries and inodes) and, for the
+//! mount, that the agent has never fetched the bytes: a cold read comes from the server.
+//! The small files are attached to the workspace tree after the agent mounted it, and
+//! the stat loop runs once the agent's listing is older than its TTL (60 s), so the cold
+//! stat loop includes the first listing of the 10,000 files from the server. Memory is
+//! touched before timing (this VM hands freed memory back to the host lazily). The
+//! write figure includes the close, which snapshots and hashes the file and appends it to
+//! the outbox as `file_chunk` messages; when the server has stored it is printed below
+//! the table.
+//!
+//! Measured here (release; kernel 6.18, 2 vCPUs shared with three other helpers' builds,
+//! load average 5-8, so figures move by up to 2x between runs; `$TMPDIR` on the ext4
+//! root disk):
+//!
+//! ```text
+//! attached files over the real channel (release binaries; nbserver over mutual TLS; FUSE passthrough on)
+//! native side, the server's blobs and the agent's cache, staging and outbox: ext4 (/dev/vda at /)
+//!
+//!                                             native       nbagent    ratio            target  met
+//! 1024 MiB seq read, cold (from server)     1.28 GB/s     0.18 GB/s      14%      >= 1.00 GB/s   NO
+//! 1024 MiB seq read, warm                  6.22 GB/s     6.73 GB/s     108%     >= 90% native  yes
+//! 1024 MiB seq write + close               0.61 GB/s     0.17 GB/s      28%     >= 50% native   NO
+//! stat 10000 files, cold (listing)        101k ops/s     64k ops/s      64%      >= 20k ops/s  yes
+//! stat 10000 files, warm                  679k ops/s    926k ops/s     136%     >= 80% native  yes
+//! open+4 KiB read+close x10000, cold      7k files/s    2k files/s      35%                 -    -
+//! open+4 KiB read+close x10000, warm    356k files/s   62k files/s      17%                 -    -
+//!
+//! out.bin stored by the server 6.3 s after its close returned
+//! ```
+//!
+//! The same with `TMPDIR=/dev/shm` (tmpfs; "cold" native reads are then memory reads,
+//! and the server's blobs are in memory too):
+//!
+//! ```text
+//! 1024 MiB seq read, cold (from server)     7.04 GB/s     0.21 GB/s       3%      >= 1.00 GB/s   NO
+//! 1024 MiB seq read, warm                  7.45 GB/s     4.61 GB/s      62%     >= 90% native   NO
+//! 1024 MiB seq write + close               3.31 GB/s     0.40 GB/s      12%     >= 50% native   NO
+//! stat 10000 files, cold (listing)        406k ops/s     83k ops/s      20%      >= 20k ops/s  yes
+//! stat 10000 files, warm                  884k ops/s    760k ops/s      86%     >= 80% native  yes
+//! open+4 KiB read+close x10000, cold    255k files/s    4k files/s       2%                 -    -
+//! open+4 KiB read+close x10000, warm    358k files/s   72k files/s      20%                 -    -
+//! ```
+//!
+//! Where the time goes, for the targets missed:
+//!
+//! - **Cold read** (0.2 GB/s, target 1 GB/s). The content cache fetches its read-ahead
+//!   window (up to 16 MiB) as 4 MiB `file_read` queries one after the other, and the
+//!   server answers one connection's queries in order (database lookup, blob read,
+//!   TLS), so one request is in flight at a time. `perf record -a` during the read:
+//!   the server's AES-GCM encryption, the agent's decryption, memmove and the two FUSE
+//!   threads together use ~0.7 of the 2 vCPUs (the rest went to other builds): the path
+//!   is latency-bound, not CPU-bound. The fix is several fetches in flight (the cache
+//!   fetching the window's chunks concurrently, the server answering `file_read` off its
+//!   read loop); not cheap, left. Per byte the path costs two AES-GCM passes and about
+//!   five copies, so even pipelined, 1 GB/s on two vCPUs is at the edge.
+//! - **Write + close** (0.17-0.4 GB/s: 28% of native on disk, 10-14% on tmpfs). The writes themselves go
+//!   to the staged file through passthrough; the close then copies the staged file to a
+//!   snapshot (the kernel may keep writing), hashes it (SHA-256: the version travels in
+//!   every `file_chunk` header, so it is needed before the first chunk) and appends
+//!   1 GiB to the outbox, whose default 1 GiB bound makes the tail wait for the
+//!   server's acknowledgements: three passes over the file plus backpressure. Hashing
+//!   while copying, and a version sent after the chunks, would remove two of them; a
+//!   protocol change, left.
+//! - **Warm read** (met on disk, 108%; 62-170% across the tmpfs runs): the read is
+//!   passed through to the complete cache file; the spread is this shared machine.
+//! - **Small files, cold** (2-6k files/s): each open fetches the whole file from the
+//!   server, one round trip per file; the first listing itself is cheap (the cold stat
+//!   loop, which includes it, meets its target).
+//!
+//! The first run found a bug: the listing of the 10,000 files is a 1.5 MB `file_listing`
+//! header, over the protocol's 1 MiB limit, and the agent dropped the connection at
+//! every re-listing; the agent now accepts headers of up to 16 MiB from the server.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nbagent_protocol::FileRoot;
+use nbagent_tests::kernel::{Notebook, Setup, missing_prerequisite};
+use serde_json::Value;
+
+/// The agent's listing TTL (`nbagent_fusefs::DEFAULT_TTL`).
+const LISTING_TTL: Duration = Duration::from_secs(60);
+/// Size of each small file.
+const SMALL: usize = 4096;
+
+struct Args {
+    size_mib: u64,
+    files: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        size_mib: 1024,
+        files: 10_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        match k.as_str() {
+            "--size-mib" => a.size_mib = it.next().context("--size-mib needs a value")?.parse()?,
+            "--files" => a.files = it.next().context("--files needs a value")?.parse()?,
+            other => bail!("unknown flag {other}; flags: --size-mib N --files N"),
+        }
+    }
+    Ok(a)
+}
+
+/// Flushes dirty pages and drops the page cache, dentries and inodes.
+fn drop_caches() -> anyhow::Result<()> {
+    nix::unistd::sync();
+    fs::write("/proc/sys/vm/drop_caches", "3").context("drop caches (needs root)")
+}
+
+fn touch_memory(bytes: usize) {
+    // This VM hands freed memory back to the host lazily: touch it before timing.
+    let mut v = vec![0u8; bytes];
+    for i in (0..bytes).step_by(4096) {
+        v[i] = 1;
+    }
+    std::hint::black_box(&v);
+}
+
+/// Deterministic, incompressible-looking bytes.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn read_all(path: &Path) -> anyhow::Result<(u64, Duration)> {
+    let start = Instant::now();
+    let mut f = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok((total, start.elapsed()))
+}
+
+fn write_all(path: &Path, data: &[u8]) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+    for chunk in data.chunks(1 << 20) {
+        f.write_all(chunk)?;
+    }
+    drop(f); // close: for the mount, the upload into the outbox
+    Ok(start.elapsed())
+}
+
+fn small_name(i: usize) -> String {
+    format!("f{i:05}")
+}
+
+fn stat_loop(dir: &Path, n: usize) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    for i in 0..n {
+        let p = dir.join(small_name(i));
+        let m = fs::metadata(&p).with_context(|| format!("stat {}", p.display()))?;
+        anyhow::ensure!(
+            m.len() == SMALL as u64,
+            "{} has {} bytes",
+            p.display(),
+            m.len()
+        );
+    }
+    Ok(start.elapsed())
+}
+
+/// Opens each small file, reads 4 KiB, closes it.
+fn small_reads(dir: &Path, n: usize) -> anyhow::Result<Duration> {
+    let mut buf = vec![0u8; SMALL];
+    let start = Instant::now();
+    for i in 0..n {
+        let p = dir.join(small_name(i));
+        let mut f = File::open(&p).with_context(|| format!("open {}", p.display()))?;
+        f.read_exact(&mut buf)
+            .with_context(|| format!("read {}", p.display()))?;
+    }
+    Ok(start.elapsed())
+}
+
+/// The shortest of `n` runs (warm figures: the machine is shared, the best run is the
+/// one least disturbed).
+fn best_of(n: usize, mut f: impl FnMut() -> anyhow::Result<Duration>) -> anyhow::Result<Duration> {
+    let mut best = f()?;
+    for _ in 1..n {
+        best = best.min(f()?);
+    }
+    Ok(best)
+}
+
+/// Compares two files chunk by chunk (untimed).
+fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
+    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let na = read_full(&mut fa, &mut ba)?;
+        let nb = read_full(&mut fb, &mut bb)?;
+        if na != nb || ba[..na] != bb[..nb] {
+            return Ok(false);
+        }
+        if na == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let r = f.read(&mut buf[n..])?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    Ok(n)
+}
+
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// The type of the filesystem holding `path` (the longest matching mount point).
+fn fs_type_of(path: &Path) -> String {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (dev, at, ty) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(at)
+                .then(|| (at.len(), format!("{ty} ({dev} at {at})")))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map_or_else(|| "unknown".to_owned(), |(_, t)| t)
+}
+
+/// Whether the agent reported the notebook tree mounted with passthrough.
+fn passthrough(log: &Path) -> anyhow::Result<Option<bool>> {
+    let text = fs::read_to_string(log)?;
+    Ok(text.lines().find_map(|line| {
+        let v: Value = serde_json::from_str(line).ok()?;
+        (v["fields"]["message"] == "attached files mounted")
+            .then(|| v["fields"]["passthrough"].as_bool())
+            .flatten()
+    }))
+}
+
+/// One row of the table: throughputs (higher is better), the target, whether it is met.
+struct Row {
+    what: String,
+    native: f64,
+    agent: f64,
+    unit: &'static str,
+    target: Target,
+}
+
+#[derive(Clone, Copy)]
+enum Target {
+    /// At least this much, absolute (in the row's unit).
+    Absolute(f64),
+    /// At least this fraction of native.
+    OfNative(f64),
+    None,
+}
+
+fn fmt_value(v: f64, unit: &'static str) -> String {
+    match unit {
+        "GB/s" => format!("{v:.2} GB/s"),
+        _ => format!("{:.0}k {unit}", v / 1000.0),
+    }
+}
+
+impl Row {
+    fn print(&self) {
+        let ratio = self.agent / self.native;
+        let (target, met) = match self.target {
+            Target::Absolute(t) => (
+                format!(">= {}", fmt_value(t, self.unit)),
+                if self.agent >= t { "yes" } else { "NO" },
+            ),
+            Target::OfNative(f) => (
+                format!(">= {:.0}% native", f * 100.0),
+                if ratio >= f { "yes" } else { "NO" },
+            ),
+            Target::None => ("-".to_owned(), "-"),
+        };
+        println!(
+            "{:<36} {:>13} {:>13} {:>7.0}% {:>17} {:>4}",
+            self.what,
+            fmt_value(self.native, self.unit),
+            fmt_value(self.agent, self.unit),
+            ratio * 100.0,
+            target,
+            met
+        );
+    }
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+fn per_sec(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    if let Some(why) = missing_prerequisite() {
+        bail!("cannot run: {why}");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("cannot run: /dev/fuse does not exist");
+    }
+    let size = usize::try_from(args.size_mib << 20)?;
+    let n = args.files;
+
+    // The native side: the same bytes on the same disk.
+    let native = tempfile::tempdir()?;
+    let fs_type = fs_type_of(native.path());
+    let mounts = tempfile::tempdir()?;
+    fs::set_permissions(
+        mounts.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let (nb_dir, ws_dir) = (
+        mounts.path().join("notebook_files"),
+        mounts.path().join("workspace_files"),
+    );
+    eprintln!(
+        "preparing {} MiB and {n} files of {SMALL} bytes...",
+        args.size_mib
+    );
+    let big = pattern(size, 0x9e37_79b9_7f4a_7c15);
+    let native_big = native.path().join("big.bin");
+    fs::write(&native_big, &big)?;
+    let native_many = native.path().join("many");
+    fs::create_dir_all(&native_many)?;
+    let small: Vec<Vec<u8>> = (0..n).map(|i| pattern(SMALL, i as u64 + 7)).collect();
+    for (i, bytes) in small.iter().enumerate() {
+        fs::write(native_many.join(small_name(i)), bytes)?;
+    }
+
+    // The stack: the big file attached before the agent starts.
+    let setup = Setup {
+        env: vec![("NBAGENT_FILES_MODE".into(), "mount".into())],
+        rust_log: "info".into(),
+        agent_args: vec![
+            "--notebook-files".into(),
+            nb_dir.display().to_string(),
+            "--workspace-files".into(),
+            ws_dir.display().to_string(),
+            "--no-checkpoints".into(),
+        ],
+        files: vec![(FileRoot::Notebook, "big.bin".into(), big)],
+        ..Setup::default()
+    };
+    let nb = Notebook::start(setup).await;
+    nb.wait_kernel_ready(Duration::from_secs(120)).await;
+    // The trees were mounted (and listed) before the kernel started.
+    let listed_before = Instant::now();
+    let mount_table = fs::read_to_string("/proc/self/mounts")?;
+    if !mount_table.contains(&nb_dir.display().to_string())
+        || !mount_table.contains(&ws_dir.display().to_string())
+    {
+        bail!("the trees are not mounted\n--- log:\n{}", nb.log_tail());
+    }
+    let passthrough = passthrough(&nb.log)?;
+
+    // The small files: attached after the workspace tree was listed.
+    let t = Instant::now();
+    for (i, bytes) in small.into_iter().enumerate() {
+        nbserver::files::put_bytes(
+            &nb.server.state.store,
+            &nb.server.state.blobs,
+            &nb.agent,
+            FileRoot::Workspace,
+            &format!("many/{}", small_name(i)),
+            bytes,
+        )
+        .await
+        .context("attach a small file")?;
+    }
+    eprintln!(
+        "attached {n} small files in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut rows = Vec::new();
+    let mib = args.size_mib;
+    let fuse_big = nb_dir.join("big.bin");
+
+    // (a) + (b): sequential read, cold then warm.
+    let (nb2, fb2) = (native_big.clone(), fuse_big.clone());
+    let (native_cold, fuse_cold, native_warm, fuse_warm, same) = run_blocking(move || {
+        touch_memory(size.saturating_mul(2));
+        drop_caches()?;
+        let (bytes, native_cold) = read_all(&nb2)?;
+        drop_caches()?;
+        let (fuse_bytes, fuse_cold) = read_all(&fb2)?;
+        anyhow::ensure!(
+            fuse_bytes == bytes,
+            "the mount read {fuse_bytes} of {bytes} bytes"
+        );
+        let native_warm = best_of(3, || Ok(read_all(&nb2)?.1))?;
+        let fuse_warm = best_of(3, || Ok(read_all(&fb2)?.1))?;
+        let same = same_content(&nb2, &fb2)?;
+        Ok((native_cold, fuse_cold, native_warm, fuse_warm, same))
+    })
+    .await
+    .with_context(|| format!("--- log:\n{}", nb.log_tail()))?;
+    anyhow::ensure!(same, "the mount's big.bin differs from the attached bytes");
+    let bytes = size as u64;
+    rows.push(Row {
+        what: format!("{mib} MiB seq read, cold (from server)"),
+        native: gbps(bytes, native_cold),
+        agent: gbps(bytes, fuse_cold),
+        unit: "GB/s",
+        target: Target::Absolute(1.0),
+    });
+    rows.push(Row {
+        what: format!("{mib} MiB seq read, warm"),
+        native: gbps(bytes, native_warm),
+        agent: gbps(bytes, fuse_warm),
+        unit: "GB/s",
+        target: Target::OfNative(0.9),
+    });
+
+    // (e): sequential write + close.
+    let data = pattern(size, 0x2545_f491_4f6c_dd1d);
+    let expected = data.clone();
+    let (native_out, fuse_out) = (native.path().join("out.bin"), nb_dir.join("out.bin"));
+    let (native_w, fuse_w, data) = run_blocking(move || {
+        touch_memory(size.saturating_mul(2));
+        let native_w = write_all(&native_out, &data)?;
+        let fuse_w = write_all(&fuse_out, &data)?;
+        Ok((native_w, fuse_w, data))
+    })
+    .await
+    .with_context(|| format!("--- log:\n{}", nb.log_tail()))?;
+    drop(data);
+    let written = Instant::now();
+    rows.push(Row {
+        what: format!("{mib} MiB seq write + close"),
+        native: gbps(bytes, native_w),
+        agent: gbps(bytes, fuse_w),
+        unit: "GB/s",
+        target: Target::OfNative(0.5),
+    });
+    // Untimed: the upload reaches the server with the right bytes.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let stored_after = loop {
+        let got = nbserver::files::read(
+            &nb.server.state.store,
+            &nb.server.state.blobs,
+            &nb.agent,
+            FileRoot::Notebook,
+            "out.bin",
+        )
+        .await?;
+        if got.as_deref() == Some(expected.as_slice()) {
+            break written.elapsed();
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "out.bin did not reach the server\n--- log:\n{}",
+                nb.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    drop(expected);
+
+    // (c) + (d): the workspace listing must be older than the TTL so the first lookup
+    // lists again from the server (the benchmark waits out the rest of the TTL).
+    let relist_at = listed_before + LISTING_TTL + Duration::from_secs(2);
+    let wait = relist_at.saturating_duration_since(Instant::now());
+    eprintln!(
+        "waiting {:.0} s for the listing TTL to pass...",
+        wait.as_secs_f64()
+    );
+    tokio::time::sleep_until(relist_at.into()).await;
+    let (nm, fm) = (native_many.clone(), ws_dir.join("many"));
+    let (stat, small_rd) = run_blocking(move || {
+        touch_memory(256 << 20);
+        drop_caches()?;
+        let native_cold = stat_loop(&nm, n)?;
+        let native_warm = best_of(3, || stat_loop(&nm, n))?;
+        drop_caches()?;
+        let fuse_cold = stat_loop(&fm, n)?;
+        let fuse_warm = best_of(3, || stat_loop(&fm, n))?;
+        drop_caches()?;
+        let native_rd_cold = small_reads(&nm, n)?;
+        let native_rd_warm = best_of(3, || small_reads(&nm, n))?;
+        drop_caches()?;
+        let fuse_rd_cold = small_reads(&fm, n)?;
+        let fuse_rd_warm = best_of(3, || small_reads(&fm, n))?;
+        Ok((
+            [native_cold, fuse_cold, native_warm, fuse_warm],
+            [native_rd_cold, fuse_rd_cold, native_rd_warm, fuse_rd_warm],
+        ))
+    })
+    .await
+    .with_context(|| format!("--- log:\n{}", nb.log_tail()))?;
+    rows.push(Row {
+        what: format!("stat {n} files, cold (listing)"),
+        native: per_sec(n, stat[0]),
+        agent: per_sec(n, stat[1]),
+        unit: "ops/s",
+        target: Target::Absolute(20_000.0),
+    });
+    rows.push(Row {
+        what: format!("stat {n} files, warm"),
+        native: per_sec(n, stat[2]),
+        agent: per_sec(n, stat[3]),
+        unit: "ops/s",
+        target: Target::OfNative(0.8),
+    });
+    rows.push(Row {
+        what: format!("open+4 KiB read+close x{n}, cold"),
+        native: per_sec(n, small_rd[0]),
+        agent: per_sec(n, small_rd[1]),
+        unit: "files/s",
+        target: Target::None,
+    });
+    rows.push(Row {
+        what: format!("open+4 KiB read+close x{n}, warm"),
+        native: per_sec(n, small_rd[2]),
+        agent: per_sec(n, small_rd[3]),
+        unit: "files/s",
+        target: Target::None,
+    });
+
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!(
+        "attached files over the real channel ({profile} binaries; nbserver over mutual TLS; FUSE passthrough {})",
+        match passthrough {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "unknown",
+        }
+    );
+    println!(
+        "native side, the server's blobs and the agent's cache, staging and outbox: {fs_type}"
+    );
+    println!();
+    println!(
+        "{:<36} {:>13} {:>13} {:>8} {:>17} {:>4}",
+        "", "native", "nbagent", "ratio", "target", "met"
+    );
+    for r in &rows {
+        r.print();
+    }
+    println!();
+    println!(
+        "out.bin stored by the server {:.1} s after its close returned",
+        stored_after.as_secs_f64()
+    );
+    Ok(())
+}
