@@ -810,3 +810,110 @@ async fn shutdown_stops_everything() {
         "{statuses:?}"
     );
 }
+
+/// 9. SIGTERM to nbsupervisor (the orderly path): the agent interrupts the running
+///    cell, stops the kernel and removes its record before it drains the outbox, so
+///    nbsupervisor exits 0 within its deadline, no process of the kernel is left, and
+///    every output of both cells, their ends and the final status are on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_kernel_in_order() {
+    if skip("sigterm_stops_the_kernel_in_order") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut nb = warm_notebook().await;
+    let done = nb
+        .run("import sys\nprint('one', flush=True)\nprint('two', file=sys.stderr, flush=True)\n6 * 7")
+        .await;
+    assert_eq!(done.status, CellStatus::Ok, "{:?}", done.outputs);
+    let rec = nb.record().expect("record");
+    let kernel_pids = children(rec.pid);
+    assert_eq!(kernel_pids.len(), 1, "the init runs the kernel");
+    let kernel_start = nbagent::runtime::record::proc_stat(Path::new("/proc"), kernel_pids[0])
+        .unwrap()
+        .start_ticks;
+
+    // A second cell is still running when the signal comes.
+    let req = nb
+        .submit("import time\nprint('started', flush=True)\ntime.sleep(60)")
+        .await;
+    nb.wait_for("output", Duration::from_secs(10), |m| {
+        m.iter()
+            .any(|s| matches!(&s.msg, Message::Output { request, .. } if *request == req))
+            .then_some(())
+    })
+    .await;
+    let begun = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(nb.supervisor_pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = nb
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("nbsupervisor did not exit\n{}", nb.log_tail()));
+    let took = begun.elapsed();
+    eprintln!("SIGTERM -> nbsupervisor exited: {took:?}");
+    assert_eq!(status.code(), Some(0), "{}", nb.log_tail());
+    // The harness gives nbsupervisor a 20 s deadline.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    for (what, pid, start) in [
+        ("kernel init", rec.pid, rec.start_ticks),
+        ("kernel", kernel_pids[0], kernel_start),
+    ] {
+        assert!(!exists(pid, start), "the {what} (pid {pid}) is still there");
+    }
+    assert!(
+        !nbagent::runtime::record_path(&nb.state_dir).exists(),
+        "the kernel record is left behind"
+    );
+
+    // Everything was delivered before the agent exited: no waiting here.
+    let finished = nb.messages("cell_finished").await;
+    for request in [&done.request, &req] {
+        assert!(
+            finished.iter().any(
+                |s| matches!(&s.msg, Message::CellFinished { request: r, .. } if r == request)
+            ),
+            "no cell_finished for {request}"
+        );
+    }
+    let outputs = nb.messages("output").await;
+    let cell_outputs = |request: &str| -> Vec<String> {
+        outputs
+            .iter()
+            .filter_map(|s| match &s.msg {
+                Message::Output {
+                    request: r, output, ..
+                } if r == request => Some(tag(output)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        cell_outputs(&done.request),
+        ["stream:stdout", "stream:stderr", "execute_result"]
+    );
+    assert_eq!(cell_outputs(&req), ["stream:stdout", "error"]);
+    let interrupted = nb.wait(&req, Duration::from_secs(1)).await;
+    assert_eq!(interrupted.status, CellStatus::Error);
+    assert!(
+        interrupted.outputs.iter().any(
+            |o| matches!(o, OutputContent::Error { ename, .. } if ename == "KeyboardInterrupt")
+        ),
+        "{:?}",
+        interrupted.outputs
+    );
+    let statuses = nb.messages("kernel_status").await;
+    let last = statuses.last().expect("kernel statuses");
+    assert!(
+        matches!(&last.msg, Message::KernelStatus { state: KernelState::Dead, detail } if detail.contains("SIGTERM")),
+        "the last status is not the stop: {:?}",
+        last.msg
+    );
+    assert!(
+        nb.messages("kernel_died").await.is_empty(),
+        "an orderly stop is not a death"
+    );
+}

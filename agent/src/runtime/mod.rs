@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use nbagent_checkpoint::store::CheckpointId;
 use nbagent_protocol::{CellStatus, CheckpointEvent, Frame, KernelState, Message, OutputContent};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, instrument, warn};
 
 use crate::capabilities;
@@ -50,6 +50,14 @@ pub const DEATH_POLL: Duration = Duration::from_millis(50);
 
 /// How long a kernel gets to exit after a shutdown request before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// When the agent is told to stop during a cell, how long the interrupted cell gets to
+/// end (and report its `KeyboardInterrupt`) before the kernel is stopped anyway.
+const STOP_INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+
+/// The longest an orderly stop of the kernel takes: the interrupted cell's grace, the
+/// shutdown request, the grace after it, and the kill (with room to report).
+pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Lines of the kernel log sent with a death report.
 const LOG_TAIL_LINES: usize = 40;
@@ -100,9 +108,47 @@ pub enum RuntimeExit {
         /// The reason the server gave.
         reason: String,
     },
-    /// The command channel closed (the agent is stopping); the kernel keeps running so
-    /// that the next agent can adopt it.
+    /// The agent is stopping in order (SIGTERM): the running cell was interrupted and
+    /// the kernel is stopped, its record removed.
+    Stopped {
+        /// Why the agent stops.
+        reason: String,
+    },
+    /// The command channel closed without a stop; the kernel keeps running so that the
+    /// next agent can adopt it.
     Detached,
+}
+
+/// Tells a running [`Runtime`] that the agent stops in order: the kernel is stopped
+/// rather than left for adoption. Dropping it without [`stop`](Self::stop) changes
+/// nothing.
+#[derive(Debug)]
+pub struct StopHandle(watch::Sender<Option<String>>);
+
+impl StopHandle {
+    /// A handle and the receiver to give to [`Runtime::run`].
+    pub fn new() -> (Self, watch::Receiver<Option<String>>) {
+        let (tx, rx) = watch::channel(None);
+        (Self(tx), rx)
+    }
+
+    /// Asks the runtime to stop the kernel and return [`RuntimeExit::Stopped`].
+    pub fn stop(&self, reason: &str) {
+        self.0.send_replace(Some(reason.to_owned()));
+    }
+}
+
+/// Resolves with the reason once a stop is asked for; never if the handle is dropped
+/// without one.
+async fn stop_requested(stop: &mut watch::Receiver<Option<String>>) -> String {
+    let reason = stop
+        .wait_for(Option::is_some)
+        .await
+        .map(|r| r.clone().unwrap_or_default());
+    match reason {
+        Ok(r) => r,
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// A queued cell.
@@ -450,6 +496,7 @@ enum CellEnd {
     Done,
     Restart,
     Shutdown(String),
+    Stopped(String),
     Detached,
 }
 
@@ -1059,8 +1106,13 @@ impl Runtime {
         }
     }
 
-    /// Runs until the server asks for a shutdown or the command channel closes.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Frame>) -> RuntimeExit {
+    /// Runs until the server asks for a shutdown, `stop` (see [`StopHandle`]) asks for
+    /// an orderly stop, or the command channel closes.
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Frame>,
+        mut stop: watch::Receiver<Option<String>>,
+    ) -> RuntimeExit {
         let mut probe = capabilities::ProbeConfig {
             criu: self.cfg.criu.clone(),
             ..capabilities::ProbeConfig::default()
@@ -1086,10 +1138,11 @@ impl Runtime {
         }
         loop {
             if let Some(p) = self.queue.pop_front() {
-                match self.run_cell(p, &mut commands).await {
+                match self.run_cell(p, &mut commands, &mut stop).await {
                     CellEnd::Done => {}
                     CellEnd::Restart => self.restart("restart requested").await,
                     CellEnd::Shutdown(reason) => return self.shutdown(reason).await,
+                    CellEnd::Stopped(reason) => return self.stop(reason).await,
                     CellEnd::Detached => return RuntimeExit::Detached,
                 }
                 continue;
@@ -1097,6 +1150,7 @@ impl Runtime {
             enum Event {
                 Command(Option<Frame>),
                 Died(Exit),
+                Stop(String),
             }
             let event = {
                 let cfg = &self.cfg;
@@ -1107,11 +1161,13 @@ impl Runtime {
                     }
                 };
                 tokio::select! {
+                    reason = stop_requested(&mut stop) => Event::Stop(reason),
                     c = commands.recv() => Event::Command(c),
                     exit = death => Event::Died(exit),
                 }
             };
             let frame = match event {
+                Event::Stop(reason) => return self.stop(reason).await,
                 Event::Died(exit) => {
                     self.kernel_died(exit, None).await;
                     continue;
@@ -1220,6 +1276,20 @@ impl Runtime {
 
     async fn shutdown(mut self, reason: String) -> RuntimeExit {
         info!(%reason, "stopping the kernel for shutdown");
+        self.stop_kernel("shut down").await;
+        RuntimeExit::Shutdown { reason }
+    }
+
+    /// The orderly stop of the agent: like a shutdown, but the agent itself decided.
+    async fn stop(mut self, reason: String) -> RuntimeExit {
+        info!(%reason, "stopping the kernel: the agent stops");
+        self.stop_kernel(&format!("shut down: {reason}")).await;
+        RuntimeExit::Stopped { reason }
+    }
+
+    /// Aborts the queued cells, stops the kernel (removing its record) and reports it
+    /// dead with `detail`.
+    async fn stop_kernel(&mut self, detail: &str) {
         for p in self.queue.drain(..) {
             let _ = self
                 .reporter
@@ -1230,8 +1300,7 @@ impl Runtime {
             let exit = k.stop(&self.cfg).await;
             info!(%exit, "kernel stopped");
         }
-        let _ = self.reporter.status(KernelState::Dead, "shut down").await;
-        RuntimeExit::Shutdown { reason }
+        let _ = self.reporter.status(KernelState::Dead, detail).await;
     }
 
     async fn kernel_died(&mut self, exit: Exit, cell: Option<&Pending>) {
@@ -1251,7 +1320,12 @@ impl Runtime {
 
     /// Runs one cell, reading commands meanwhile.
     #[instrument(skip_all, fields(cell = %p.cell, request = %p.request))]
-    async fn run_cell(&mut self, p: Pending, commands: &mut mpsc::Receiver<Frame>) -> CellEnd {
+    async fn run_cell(
+        &mut self,
+        p: Pending,
+        commands: &mut mpsc::Receiver<Frame>,
+        stop: &mut watch::Receiver<Option<String>>,
+    ) -> CellEnd {
         if p.resume.is_some() && self.kernel.is_none() {
             // The adopted kernel is gone already; its death was reported.
             let _ = self
@@ -1354,8 +1428,26 @@ impl Runtime {
             let mut death_tick = tokio::time::interval(DEATH_POLL);
             death_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let process_ref = process;
+            // Set once a stop interrupted the cell: the cell may end until then.
+            let mut stopping: Option<(String, tokio::time::Instant)> = None;
             loop {
+                let stop_grace = async {
+                    match &stopping {
+                        Some((_, until)) => tokio::time::sleep_until(*until).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
+                    reason = stop_requested(stop), if stopping.is_none() => {
+                        info!(%reason, "the agent stops: interrupting the cell");
+                        interrupt_kernel(*interrupt, control, pid).await;
+                        stopping = Some((reason, tokio::time::Instant::now() + STOP_INTERRUPT_GRACE));
+                    }
+                    () = stop_grace => {
+                        warn!("the interrupted cell did not end; stopping the kernel anyway");
+                        status = CellStatus::Aborted;
+                        break;
+                    }
                     r = &mut exec => {
                         match r {
                             Ok(o) => {
@@ -1402,6 +1494,11 @@ impl Runtime {
                         }
                     },
                 }
+            }
+            if let Some((reason, _)) = stopping
+                && matches!(end, CellEnd::Done)
+            {
+                end = CellEnd::Stopped(reason);
             }
         }
         drop(tx);
