@@ -917,3 +917,51 @@ async fn sigterm_stops_the_kernel_in_order() {
         "an orderly stop is not a death"
     );
 }
+
+/// A kernel that asks for input although the request said `allow_stdin: false`: made
+/// here through ipykernel's own `_input_request`, which skips that check.
+const FORCED_INPUT: &str = r#"
+k = get_ipython().kernel
+try:
+    k._input_request('forced? ', k._parent_ident['shell'], k.get_parent('shell'), password=False)
+    print('answered')
+except EOFError:
+    print('end of file')
+"#;
+
+/// 10. stdin: `input()` ends the cell with a clear error (the agent sends
+///     `allow_stdin: false`, ipykernel raises `StdinNotImplementedError` saying the
+///     frontend does not support input requests), and the kernel keeps working. A kernel
+///     that sends an `input_request` anyway is answered at once with end of file and the
+///     cell shows why on stderr; it does not hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_gets_a_clear_error() {
+    if skip("input_gets_a_clear_error") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let nb = warm_notebook().await;
+    let r = nb.run("x = 1\nname = input('name? ')\nx = 2").await;
+    assert_eq!(r.status, CellStatus::Error, "{:?}", r.outputs);
+    let [OutputContent::Error { ename, evalue, .. }] = &r.outputs[..] else {
+        panic!("one error output expected: {:?}", r.outputs)
+    };
+    assert_eq!(ename, "StdinNotImplementedError");
+    assert!(
+        evalue.contains("does not support input requests"),
+        "{evalue}"
+    );
+    assert_eq!(nb.stdout("print(x)").await, "1\n");
+
+    let r = nb
+        .wait(&nb.submit(FORCED_INPUT).await, Duration::from_secs(10))
+        .await;
+    assert_eq!(r.status, CellStatus::Ok, "{:?}", r.outputs);
+    assert_eq!(stdout_of(&r), "end of file\n");
+    let stderr = kernel::stream_of(&r, "stderr");
+    assert!(
+        stderr.contains("stdin is not supported") && stderr.contains("forced? "),
+        "{stderr:?}"
+    );
+    assert_eq!(nb.stdout("print(x + 1)").await, "2\n");
+}
