@@ -270,12 +270,19 @@ async fn kernel_death_and_restart() {
         .await;
     let took = begun.elapsed();
     let Message::KernelDied {
-        exit_code, signal, ..
+        exit_code,
+        signal,
+        log_tail,
     } = &died.msg
     else {
         unreachable!()
     };
     assert_eq!((*exit_code, *signal), (Some(3), None));
+    assert!(
+        !log_tail.trim().is_empty(),
+        "the death report carries no log tail"
+    );
+    eprintln!("log tail of the dead kernel:\n{log_tail}");
     let started = nb.messages("cell_started").await;
     let started = started
         .iter()
@@ -535,7 +542,9 @@ async fn refused_users() {
             panic!("one error output expected: {ctx}")
         };
         assert_eq!(ename, "KernelNotStarted", "{ctx}");
-        for s in says {
+        // Every message names the user's refusal and the kernel it was for.
+        let says: Vec<&str> = says.iter().copied().chain(["kernel python3"]).collect();
+        for s in &says {
             assert!(evalue.contains(s), "{ctx}: evalue lacks {s:?}");
         }
         let statuses = nb.messages("kernel_status").await;

@@ -243,8 +243,8 @@ impl Kernel {
     }
 
     /// `Some` once the process is gone.
-    fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
-        self.process.poll_exit(cfg)
+    async fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
+        self.process.poll_exit(cfg).await
     }
 }
 
@@ -257,7 +257,7 @@ impl Process {
     }
 
     /// `Some` once the process is gone.
-    fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
+    async fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
         match self {
             Process::Restored { pid, exit } => {
                 if exit.is_none() {
@@ -285,7 +285,7 @@ impl Process {
                 if alive {
                     None
                 } else {
-                    Some(read_exit_record(cfg, *pid))
+                    Some(read_exit_record(cfg, *pid).await)
                 }
             }
         }
@@ -299,7 +299,7 @@ impl Kernel {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Some(e) = self.poll_exit(cfg) {
+            if let Some(e) = self.poll_exit(cfg).await {
                 return e;
             }
         }
@@ -362,15 +362,16 @@ fn signal(pid: i32, sig: nix::sys::signal::Signal) {
 }
 
 /// The exit status nbsupervisor recorded for `pid` (a kernel adopted from a previous
-/// agent is the supervisor's child, not ours). Waits briefly for the record to appear.
-fn read_exit_record(cfg: &RuntimeConfig, pid: i32) -> Exit {
+/// agent is the supervisor's child, not ours). Waits briefly (without blocking the
+/// runtime's thread) for the record to appear.
+async fn read_exit_record(cfg: &RuntimeConfig, pid: i32) -> Exit {
     let Some(dir) = &cfg.supervisor_run_dir else {
         return Exit::default();
     };
     let path = dir.join("exit").join(pid.to_string());
     let deadline = Instant::now() + Duration::from_millis(500);
     loop {
-        if let Ok(bytes) = std::fs::read(&path) {
+        if let Ok(bytes) = tokio::fs::read(&path).await {
             #[derive(serde::Deserialize)]
             struct Rec {
                 code: Option<i32>,
@@ -388,7 +389,7 @@ fn read_exit_record(cfg: &RuntimeConfig, pid: i32) -> Exit {
         if Instant::now() > deadline {
             return Exit::default();
         }
-        std::thread::sleep(Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -829,7 +830,7 @@ impl Runtime {
                 pid = rec.pid,
                 "the recorded kernel is gone; starting a new one"
             );
-            let exit = read_exit_record(&self.cfg, rec.pid);
+            let exit = read_exit_record(&self.cfg, rec.pid).await;
             let _ = self
                 .reporter
                 .died(exit.code, exit.signal, log_tail(&rec.log))
@@ -1326,6 +1327,7 @@ impl Runtime {
         commands: &mut mpsc::Receiver<Frame>,
         stop: &mut watch::Receiver<Option<String>>,
     ) -> CellEnd {
+        let entered = Instant::now();
         if p.resume.is_some() && self.kernel.is_none() {
             // The adopted kernel is gone already; its death was reported.
             let _ = self
@@ -1406,6 +1408,7 @@ impl Runtime {
         let mut end = CellEnd::Done;
         let mut status = CellStatus::Ok;
         let mut execution_count = None;
+        let mut kernel_rtt = None;
         let mut died: Option<Exit> = None;
         {
             let Kernel {
@@ -1453,6 +1456,7 @@ impl Runtime {
                             Ok(o) => {
                                 status = o.status;
                                 execution_count = o.execution_count;
+                                kernel_rtt = Some(o.duration);
                             }
                             Err(e) => {
                                 warn!(error = %chain(&e), "execution failed");
@@ -1462,7 +1466,7 @@ impl Runtime {
                         break;
                     }
                     _ = death_tick.tick() => {
-                        let gone = process_ref.poll_exit(&self.cfg);
+                        let gone = process_ref.poll_exit(&self.cfg).await;
                         if let Some(e) = gone {
                             died = Some(e);
                             status = CellStatus::KernelDied;
@@ -1529,6 +1533,15 @@ impl Runtime {
                 },
             )
             .await;
+        if let Some(rtt) = kernel_rtt {
+            // The agent's own cost of a cell is `agent_us - kernel_us` (bench-kernel).
+            debug!(
+                target: "nbagent::timing",
+                agent_us = entered.elapsed().as_micros() as u64,
+                kernel_us = rtt.as_micros() as u64,
+                "cell timing"
+            );
+        }
         if died.is_none() && matches!(end, CellEnd::Done) && status != CellStatus::Aborted {
             self.after_cell(&p, status).await;
         }
