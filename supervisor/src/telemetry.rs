@@ -27,7 +27,10 @@ pub fn init(format: LogFormat) {
         .ok()
         .and_then(|v| v.parse::<Targets>().ok())
         .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // The builder's own default is INFO; `filter` decides.
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE);
     let _ = match format {
         LogFormat::Text => builder
             .with_target(false)
