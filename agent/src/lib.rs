@@ -258,14 +258,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         ),
         _ => None,
     };
-    let runtime = if args.runs_kernel() {
+    let (kernel_stop, kernel_stop_rx) = runtime::StopHandle::new();
+    let mut runtime = if args.runs_kernel() {
         let rt = runtime::Runtime::new(
             runtime_config(&args),
             runtime::Reporter::new(sender.clone()),
         );
         let shutdown = shutdown_tx.clone();
         Some(tokio::spawn(async move {
-            let exit = rt.run(cmd_rx).await;
+            let exit = rt.run(cmd_rx, kernel_stop_rx).await;
             if let runtime::RuntimeExit::Shutdown { reason } = &exit {
                 info!(%reason, "server asked us to shut down");
                 let _ = shutdown.send(true);
@@ -327,10 +328,20 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
     let drain_first = tokio::select! {
         r = work => { r?; false }
-        _ = sigterm.recv() => { info!("SIGTERM: draining the outbox"); true }
-        _ = sigint.recv() => { info!("SIGINT: draining the outbox"); true }
+        _ = sigterm.recv() => { info!("SIGTERM: stopping the kernel, then draining the outbox"); kernel_stop.stop("the agent received SIGTERM"); true }
+        _ = sigint.recv() => { info!("SIGINT: stopping the kernel, then draining the outbox"); kernel_stop.stop("the agent received SIGINT"); true }
         _ = shutdown_rx.changed() => true,
     };
+    if drain_first && let Some(rt) = runtime.take() {
+        // An orderly stop: the kernel is stopped (its record removed, its last status
+        // in the outbox) before the outbox is drained. Only a crash of the agent leaves
+        // the kernel running for adoption.
+        match tokio::time::timeout(runtime::STOP_DEADLINE, rt).await {
+            Ok(Ok(exit)) => info!(?exit, "kernel runtime finished"),
+            Ok(Err(e)) => warn!(error = %e, "kernel runtime failed"),
+            Err(_) => warn!("the kernel did not stop in time; nbsupervisor kills what is left"),
+        }
+    }
     if let Some(files) = attached {
         // Unmount, or upload what changed in a copy, before draining the outbox.
         files.detach().await;
@@ -351,7 +362,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let _ = channel.await;
     if let Some(rt) = runtime {
         // The channel is closed, so the runtime's command stream ends: it returns
-        // (leaving the kernel running for the next agent unless it was shut down).
+        // (leaving the kernel running for the next agent).
         match tokio::time::timeout(Duration::from_secs(10), rt).await {
             Ok(Ok(exit)) => info!(?exit, "kernel runtime finished"),
             Ok(Err(e)) => warn!(error = %e, "kernel runtime failed"),

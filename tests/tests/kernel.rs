@@ -270,12 +270,19 @@ async fn kernel_death_and_restart() {
         .await;
     let took = begun.elapsed();
     let Message::KernelDied {
-        exit_code, signal, ..
+        exit_code,
+        signal,
+        log_tail,
     } = &died.msg
     else {
         unreachable!()
     };
     assert_eq!((*exit_code, *signal), (Some(3), None));
+    assert!(
+        !log_tail.trim().is_empty(),
+        "the death report carries no log tail"
+    );
+    eprintln!("log tail of the dead kernel:\n{log_tail}");
     let started = nb.messages("cell_started").await;
     let started = started
         .iter()
@@ -537,7 +544,9 @@ async fn refused_users() {
             panic!("one error output expected: {ctx}")
         };
         assert_eq!(ename, "KernelNotStarted", "{ctx}");
-        for s in says {
+        // Every message names the user's refusal and the kernel it was for.
+        let says: Vec<&str> = says.iter().copied().chain(["kernel python3"]).collect();
+        for s in &says {
             assert!(evalue.contains(s), "{ctx}: evalue lacks {s:?}");
         }
         let statuses = nb.messages("kernel_status").await;
@@ -811,4 +820,159 @@ async fn shutdown_stops_everything() {
         statuses.iter().any(|s| matches!(&s.msg, Message::KernelStatus { state: KernelState::Dead, detail } if detail == "shut down")),
         "{statuses:?}"
     );
+}
+
+/// 9. SIGTERM to nbsupervisor (the orderly path): the agent interrupts the running
+///    cell, stops the kernel and removes its record before it drains the outbox, so
+///    nbsupervisor exits 0 within its deadline, no process of the kernel is left, and
+///    every output of both cells, their ends and the final status are on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_kernel_in_order() {
+    if skip("sigterm_stops_the_kernel_in_order") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mut nb = warm_notebook().await;
+    let done = nb
+        .run("import sys\nprint('one', flush=True)\nprint('two', file=sys.stderr, flush=True)\n6 * 7")
+        .await;
+    assert_eq!(done.status, CellStatus::Ok, "{:?}", done.outputs);
+    let rec = nb.record().expect("record");
+    let kernel_pids = children(rec.pid);
+    assert_eq!(kernel_pids.len(), 1, "the init runs the kernel");
+    let kernel_start = nbagent::runtime::record::proc_stat(Path::new("/proc"), kernel_pids[0])
+        .unwrap()
+        .start_ticks;
+
+    // A second cell is still running when the signal comes.
+    let req = nb
+        .submit("import time\nprint('started', flush=True)\ntime.sleep(60)")
+        .await;
+    nb.wait_for("output", Duration::from_secs(10), |m| {
+        m.iter()
+            .any(|s| matches!(&s.msg, Message::Output { request, .. } if *request == req))
+            .then_some(())
+    })
+    .await;
+    let begun = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(nb.supervisor_pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = nb
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("nbsupervisor did not exit\n{}", nb.log_tail()));
+    let took = begun.elapsed();
+    eprintln!("SIGTERM -> nbsupervisor exited: {took:?}");
+    assert_eq!(status.code(), Some(0), "{}", nb.log_tail());
+    // The harness gives nbsupervisor a 20 s deadline.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    for (what, pid, start) in [
+        ("kernel init", rec.pid, rec.start_ticks),
+        ("kernel", kernel_pids[0], kernel_start),
+    ] {
+        assert!(!exists(pid, start), "the {what} (pid {pid}) is still there");
+    }
+    assert!(
+        !nbagent::runtime::record_path(&nb.state_dir).exists(),
+        "the kernel record is left behind"
+    );
+
+    // Everything was delivered before the agent exited: no waiting here.
+    let finished = nb.messages("cell_finished").await;
+    for request in [&done.request, &req] {
+        assert!(
+            finished.iter().any(
+                |s| matches!(&s.msg, Message::CellFinished { request: r, .. } if r == request)
+            ),
+            "no cell_finished for {request}"
+        );
+    }
+    let outputs = nb.messages("output").await;
+    let cell_outputs = |request: &str| -> Vec<String> {
+        outputs
+            .iter()
+            .filter_map(|s| match &s.msg {
+                Message::Output {
+                    request: r, output, ..
+                } if r == request => Some(tag(output)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        cell_outputs(&done.request),
+        ["stream:stdout", "stream:stderr", "execute_result"]
+    );
+    assert_eq!(cell_outputs(&req), ["stream:stdout", "error"]);
+    let interrupted = nb.wait(&req, Duration::from_secs(1)).await;
+    assert_eq!(interrupted.status, CellStatus::Error);
+    assert!(
+        interrupted.outputs.iter().any(
+            |o| matches!(o, OutputContent::Error { ename, .. } if ename == "KeyboardInterrupt")
+        ),
+        "{:?}",
+        interrupted.outputs
+    );
+    let statuses = nb.messages("kernel_status").await;
+    let last = statuses.last().expect("kernel statuses");
+    assert!(
+        matches!(&last.msg, Message::KernelStatus { state: KernelState::Dead, detail } if detail.contains("SIGTERM")),
+        "the last status is not the stop: {:?}",
+        last.msg
+    );
+    assert!(
+        nb.messages("kernel_died").await.is_empty(),
+        "an orderly stop is not a death"
+    );
+}
+
+/// A kernel that asks for input although the request said `allow_stdin: false`: made
+/// here through ipykernel's own `_input_request`, which skips that check.
+const FORCED_INPUT: &str = r#"
+k = get_ipython().kernel
+try:
+    k._input_request('forced? ', k._parent_ident['shell'], k.get_parent('shell'), password=False)
+    print('answered')
+except EOFError:
+    print('end of file')
+"#;
+
+/// 10. stdin: `input()` ends the cell with a clear error (the agent sends
+///     `allow_stdin: false`, ipykernel raises `StdinNotImplementedError` saying the
+///     frontend does not support input requests), and the kernel keeps working. A kernel
+///     that sends an `input_request` anyway is answered at once with end of file and the
+///     cell shows why on stderr; it does not hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_gets_a_clear_error() {
+    if skip("input_gets_a_clear_error") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let nb = warm_notebook().await;
+    let r = nb.run("x = 1\nname = input('name? ')\nx = 2").await;
+    assert_eq!(r.status, CellStatus::Error, "{:?}", r.outputs);
+    let [OutputContent::Error { ename, evalue, .. }] = &r.outputs[..] else {
+        panic!("one error output expected: {:?}", r.outputs)
+    };
+    assert_eq!(ename, "StdinNotImplementedError");
+    assert!(
+        evalue.contains("does not support input requests"),
+        "{evalue}"
+    );
+    assert_eq!(nb.stdout("print(x)").await, "1\n");
+
+    let r = nb
+        .wait(&nb.submit(FORCED_INPUT).await, Duration::from_secs(10))
+        .await;
+    assert_eq!(r.status, CellStatus::Ok, "{:?}", r.outputs);
+    assert_eq!(stdout_of(&r), "end of file\n");
+    let stderr = kernel::stream_of(&r, "stderr");
+    assert!(
+        stderr.contains("stdin is not supported") && stderr.contains("forced? "),
+        "{stderr:?}"
+    );
+    assert_eq!(nb.stdout("print(x + 1)").await, "2\n");
 }

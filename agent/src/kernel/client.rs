@@ -36,14 +36,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use jupyter_protocol::{
-    ExecuteRequest, InterruptRequest, JupyterMessage, JupyterMessageContent, KernelInfoRequest,
-    ShutdownRequest,
+    ExecuteRequest, Header, InputReply, InterruptRequest, JupyterMessage, JupyterMessageContent,
+    KernelInfoRequest, ReplyStatus, ShutdownRequest,
 };
 use jupyter_zmq_client::{
     ClientControlConnection, ClientHeartbeatConnection, ClientIoPubConnection,
-    ClientShellConnection, Connection, RawMessage, RuntimeError, create_client_control_connection,
-    create_client_heartbeat_connection, create_client_iopub_connection,
-    create_client_shell_connection_with_identity, peer_identity_for_session,
+    ClientShellConnection, ClientStdinConnection, Connection, RawMessage, RuntimeError,
+    create_client_control_connection, create_client_heartbeat_connection,
+    create_client_iopub_connection, create_client_shell_connection_with_identity,
+    create_client_stdin_connection_with_identity, peer_identity_for_session,
 };
 use nbagent_protocol::{CellStatus, KernelState};
 use tokio::sync::{Mutex, mpsc};
@@ -55,6 +56,11 @@ pub use jupyter_zmq_client::ConnectionInfo;
 pub use wire::{DecodeError, ExecEvent, KernelInfo};
 
 use wire::Incoming;
+
+/// What the agent says when a kernel asks for input: notebooks run unattended, there is
+/// nobody to type an answer.
+pub const STDIN_NOT_SUPPORTED: &str =
+    "stdin is not supported: input() cannot be answered in this notebook";
 
 /// How often `connect` re-sends a `kernel_info_request` that got no answer.
 pub const RESEND_EVERY: Duration = Duration::from_millis(200);
@@ -247,6 +253,8 @@ pub struct KernelClient {
     kernel: KernelInfo,
     iopub: ClientIoPubConnection,
     shell: ClientShellConnection,
+    /// Only to answer an `input_request` a kernel sends although `allow_stdin` is false.
+    stdin: ClientStdinConnection,
     heartbeat: Option<ClientHeartbeatConnection>,
     control: ControlHandle,
 }
@@ -461,10 +469,18 @@ impl KernelClient {
         let mut shell = within(
             deadline,
             "the shell connection",
-            create_client_shell_connection_with_identity(info, &session, identity),
+            create_client_shell_connection_with_identity(info, &session, identity.clone()),
         )
         .await?
         .map_err(connect("shell"))?;
+        // The kernel routes an input_request to the shell socket's identity.
+        let stdin = within(
+            deadline,
+            "the stdin connection",
+            create_client_stdin_connection_with_identity(info, &session, identity),
+        )
+        .await?
+        .map_err(connect("stdin"))?;
         let mut control = within(
             deadline,
             "the control connection",
@@ -547,6 +563,7 @@ impl KernelClient {
             kernel,
             iopub,
             shell,
+            stdin,
             heartbeat: Some(heartbeat),
             control: ControlHandle {
                 conn: Arc::new(Mutex::new(control)),
@@ -571,7 +588,9 @@ impl KernelClient {
     }
 
     /// Runs `code` (`silent: false`, `store_history: true`, `allow_stdin: false`, so
-    /// `input()` raises `StdinNotImplementedError` in the kernel) and passes every
+    /// `input()` raises `StdinNotImplementedError` in ipykernel; a kernel that sends an
+    /// `input_request` anyway is answered with end of file, see
+    /// [`STDIN_NOT_SUPPORTED`]) and passes every
     /// iopub event of this request to `sink`, in the order the kernel published them.
     ///
     /// Returns when both the `execute_reply` and the final `status: idle` have arrived.
@@ -728,6 +747,20 @@ impl KernelClient {
                         }
                     },
                 },
+                m = read(&mut self.stdin, "stdin") => match m? {
+                    Err(e) => warn!(channel = "stdin", error = %e, "undecodable message skipped"),
+                    Ok(m) if m.msg_type == "input_request" => {
+                        let prompt = m.content.get("prompt").and_then(serde_json::Value::as_str).unwrap_or_default();
+                        warn!(prompt, "the kernel asked for input; answering end of file");
+                        self.answer_input(&m).await?;
+                        sink.emit(ExecEvent::Output(nbagent_protocol::OutputContent::Stream {
+                            name: "stderr".into(),
+                            text: format!("{STDIN_NOT_SUPPORTED} (prompt {prompt:?}); the kernel got end of file\n"),
+                        }))
+                        .await;
+                    }
+                    Ok(m) => debug!(msg_type = %m.msg_type, "stdin message skipped"),
+                },
                 m = read(&mut self.shell, "shell"), if reply.is_none() => match m? {
                     Err(e) => warn!(channel = "shell", error = %e, "undecodable message skipped"),
                     Ok(m) if m.answers("execute_reply", &msg_id) => {
@@ -768,6 +801,27 @@ impl KernelClient {
             finished,
             duration,
         })
+    }
+
+    /// Answers an `input_request` with end of file (`"\u{4}"`, what Jupyter consoles
+    /// send for Ctrl-D: ipykernel raises `EOFError`), so the kernel does not wait for
+    /// input forever.
+    async fn answer_input(&mut self, request: &Incoming) -> Result<(), ClientError> {
+        let mut reply = message(InputReply {
+            value: "\u{4}".into(),
+            status: ReplyStatus::Ok,
+            error: None,
+        });
+        reply.header.session.clone_from(&self.session);
+        reply.parent_header = serde_json::from_value::<Header>(request.header.clone()).ok();
+        self.stdin
+            .send(reply)
+            .await
+            .map_err(|source| ClientError::Send {
+                channel: "stdin",
+                msg_type: "input_reply",
+                source,
+            })
     }
 
     /// Pings the heartbeat channel: `true` if the kernel echoed within `timeout`.

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use nbagent_checkpoint::store::CheckpointId;
 use nbagent_protocol::{CellStatus, CheckpointEvent, Frame, KernelState, Message, OutputContent};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, instrument, warn};
 
 use crate::capabilities;
@@ -50,6 +50,14 @@ pub const DEATH_POLL: Duration = Duration::from_millis(50);
 
 /// How long a kernel gets to exit after a shutdown request before it is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// When the agent is told to stop during a cell, how long the interrupted cell gets to
+/// end (and report its `KeyboardInterrupt`) before the kernel is stopped anyway.
+const STOP_INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+
+/// The longest an orderly stop of the kernel takes: the interrupted cell's grace, the
+/// shutdown request, the grace after it, and the kill (with room to report).
+pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Lines of the kernel log sent with a death report.
 const LOG_TAIL_LINES: usize = 40;
@@ -102,9 +110,47 @@ pub enum RuntimeExit {
         /// The reason the server gave.
         reason: String,
     },
-    /// The command channel closed (the agent is stopping); the kernel keeps running so
-    /// that the next agent can adopt it.
+    /// The agent is stopping in order (SIGTERM): the running cell was interrupted and
+    /// the kernel is stopped, its record removed.
+    Stopped {
+        /// Why the agent stops.
+        reason: String,
+    },
+    /// The command channel closed without a stop; the kernel keeps running so that the
+    /// next agent can adopt it.
     Detached,
+}
+
+/// Tells a running [`Runtime`] that the agent stops in order: the kernel is stopped
+/// rather than left for adoption. Dropping it without [`stop`](Self::stop) changes
+/// nothing.
+#[derive(Debug)]
+pub struct StopHandle(watch::Sender<Option<String>>);
+
+impl StopHandle {
+    /// A handle and the receiver to give to [`Runtime::run`].
+    pub fn new() -> (Self, watch::Receiver<Option<String>>) {
+        let (tx, rx) = watch::channel(None);
+        (Self(tx), rx)
+    }
+
+    /// Asks the runtime to stop the kernel and return [`RuntimeExit::Stopped`].
+    pub fn stop(&self, reason: &str) {
+        self.0.send_replace(Some(reason.to_owned()));
+    }
+}
+
+/// Resolves with the reason once a stop is asked for; never if the handle is dropped
+/// without one.
+async fn stop_requested(stop: &mut watch::Receiver<Option<String>>) -> String {
+    let reason = stop
+        .wait_for(Option::is_some)
+        .await
+        .map(|r| r.clone().unwrap_or_default());
+    match reason {
+        Ok(r) => r,
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// A queued cell.
@@ -199,8 +245,8 @@ impl Kernel {
     }
 
     /// `Some` once the process is gone.
-    fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
-        self.process.poll_exit(cfg)
+    async fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
+        self.process.poll_exit(cfg).await
     }
 }
 
@@ -213,7 +259,7 @@ impl Process {
     }
 
     /// `Some` once the process is gone.
-    fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
+    async fn poll_exit(&mut self, cfg: &RuntimeConfig) -> Option<Exit> {
         match self {
             Process::Restored { pid, exit } => {
                 if exit.is_none() {
@@ -241,7 +287,7 @@ impl Process {
                 if alive {
                     None
                 } else {
-                    Some(read_exit_record(cfg, *pid))
+                    Some(read_exit_record(cfg, *pid).await)
                 }
             }
         }
@@ -255,7 +301,7 @@ impl Kernel {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Some(e) = self.poll_exit(cfg) {
+            if let Some(e) = self.poll_exit(cfg).await {
                 return e;
             }
         }
@@ -318,15 +364,16 @@ fn signal(pid: i32, sig: nix::sys::signal::Signal) {
 }
 
 /// The exit status nbsupervisor recorded for `pid` (a kernel adopted from a previous
-/// agent is the supervisor's child, not ours). Waits briefly for the record to appear.
-fn read_exit_record(cfg: &RuntimeConfig, pid: i32) -> Exit {
+/// agent is the supervisor's child, not ours). Waits briefly (without blocking the
+/// runtime's thread) for the record to appear.
+async fn read_exit_record(cfg: &RuntimeConfig, pid: i32) -> Exit {
     let Some(dir) = &cfg.supervisor_run_dir else {
         return Exit::default();
     };
     let path = dir.join("exit").join(pid.to_string());
     let deadline = Instant::now() + Duration::from_millis(500);
     loop {
-        if let Ok(bytes) = std::fs::read(&path) {
+        if let Ok(bytes) = tokio::fs::read(&path).await {
             #[derive(serde::Deserialize)]
             struct Rec {
                 code: Option<i32>,
@@ -344,7 +391,7 @@ fn read_exit_record(cfg: &RuntimeConfig, pid: i32) -> Exit {
         if Instant::now() > deadline {
             return Exit::default();
         }
-        std::thread::sleep(Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -449,6 +496,7 @@ enum CellEnd {
     Done,
     Restart,
     Shutdown(String),
+    Stopped(String),
     Detached,
 }
 
@@ -822,7 +870,7 @@ impl Runtime {
                 pid = rec.pid,
                 "the recorded kernel is gone; starting a new one"
             );
-            let exit = read_exit_record(&self.cfg, rec.pid);
+            let exit = read_exit_record(&self.cfg, rec.pid).await;
             let _ = self
                 .reporter
                 .died(exit.code, exit.signal, log_tail(&rec.log))
@@ -1108,8 +1156,13 @@ impl Runtime {
         }
     }
 
-    /// Runs until the server asks for a shutdown or the command channel closes.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Frame>) -> RuntimeExit {
+    /// Runs until the server asks for a shutdown, `stop` (see [`StopHandle`]) asks for
+    /// an orderly stop, or the command channel closes.
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Frame>,
+        mut stop: watch::Receiver<Option<String>>,
+    ) -> RuntimeExit {
         let mut probe = capabilities::ProbeConfig {
             criu: self.cfg.criu.clone(),
             dev_fuse: self.cfg.dev_fuse.clone(),
@@ -1136,10 +1189,11 @@ impl Runtime {
         }
         loop {
             if let Some(p) = self.queue.pop_front() {
-                match self.run_cell(p, &mut commands).await {
+                match self.run_cell(p, &mut commands, &mut stop).await {
                     CellEnd::Done => {}
                     CellEnd::Restart => self.restart("restart requested").await,
                     CellEnd::Shutdown(reason) => return self.shutdown(reason).await,
+                    CellEnd::Stopped(reason) => return self.stop(reason).await,
                     CellEnd::Detached => return RuntimeExit::Detached,
                 }
                 continue;
@@ -1147,6 +1201,7 @@ impl Runtime {
             enum Event {
                 Command(Option<Frame>),
                 Died(Exit),
+                Stop(String),
             }
             let event = {
                 let cfg = &self.cfg;
@@ -1157,11 +1212,13 @@ impl Runtime {
                     }
                 };
                 tokio::select! {
+                    reason = stop_requested(&mut stop) => Event::Stop(reason),
                     c = commands.recv() => Event::Command(c),
                     exit = death => Event::Died(exit),
                 }
             };
             let frame = match event {
+                Event::Stop(reason) => return self.stop(reason).await,
                 Event::Died(exit) => {
                     self.kernel_died(exit, None).await;
                     continue;
@@ -1276,6 +1333,20 @@ impl Runtime {
 
     async fn shutdown(mut self, reason: String) -> RuntimeExit {
         info!(%reason, "stopping the kernel for shutdown");
+        self.stop_kernel("shut down").await;
+        RuntimeExit::Shutdown { reason }
+    }
+
+    /// The orderly stop of the agent: like a shutdown, but the agent itself decided.
+    async fn stop(mut self, reason: String) -> RuntimeExit {
+        info!(%reason, "stopping the kernel: the agent stops");
+        self.stop_kernel(&format!("shut down: {reason}")).await;
+        RuntimeExit::Stopped { reason }
+    }
+
+    /// Aborts the queued cells, stops the kernel (removing its record) and reports it
+    /// dead with `detail`.
+    async fn stop_kernel(&mut self, detail: &str) {
         for p in self.queue.drain(..) {
             let _ = self
                 .reporter
@@ -1286,8 +1357,7 @@ impl Runtime {
             let exit = k.stop(&self.cfg).await;
             info!(%exit, "kernel stopped");
         }
-        let _ = self.reporter.status(KernelState::Dead, "shut down").await;
-        RuntimeExit::Shutdown { reason }
+        let _ = self.reporter.status(KernelState::Dead, detail).await;
     }
 
     async fn kernel_died(&mut self, exit: Exit, cell: Option<&Pending>) {
@@ -1307,7 +1377,13 @@ impl Runtime {
 
     /// Runs one cell, reading commands meanwhile.
     #[instrument(skip_all, fields(cell = %p.cell, request = %p.request))]
-    async fn run_cell(&mut self, p: Pending, commands: &mut mpsc::Receiver<Frame>) -> CellEnd {
+    async fn run_cell(
+        &mut self,
+        p: Pending,
+        commands: &mut mpsc::Receiver<Frame>,
+        stop: &mut watch::Receiver<Option<String>>,
+    ) -> CellEnd {
+        let entered = Instant::now();
         if p.resume.is_some() && self.kernel.is_none() {
             // The adopted kernel is gone already; its death was reported.
             let _ = self
@@ -1388,6 +1464,7 @@ impl Runtime {
         let mut end = CellEnd::Done;
         let mut status = CellStatus::Ok;
         let mut execution_count = None;
+        let mut kernel_rtt = None;
         let mut died: Option<Exit> = None;
         {
             let Kernel {
@@ -1410,13 +1487,32 @@ impl Runtime {
             let mut death_tick = tokio::time::interval(DEATH_POLL);
             death_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let process_ref = process;
+            // Set once a stop interrupted the cell: the cell may end until then.
+            let mut stopping: Option<(String, tokio::time::Instant)> = None;
             loop {
+                let stop_grace = async {
+                    match &stopping {
+                        Some((_, until)) => tokio::time::sleep_until(*until).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
+                    reason = stop_requested(stop), if stopping.is_none() => {
+                        info!(%reason, "the agent stops: interrupting the cell");
+                        interrupt_kernel(*interrupt, control, pid).await;
+                        stopping = Some((reason, tokio::time::Instant::now() + STOP_INTERRUPT_GRACE));
+                    }
+                    () = stop_grace => {
+                        warn!("the interrupted cell did not end; stopping the kernel anyway");
+                        status = CellStatus::Aborted;
+                        break;
+                    }
                     r = &mut exec => {
                         match r {
                             Ok(o) => {
                                 status = o.status;
                                 execution_count = o.execution_count;
+                                kernel_rtt = Some(o.duration);
                             }
                             Err(e) => {
                                 warn!(error = %chain(&e), "execution failed");
@@ -1426,7 +1522,7 @@ impl Runtime {
                         break;
                     }
                     _ = death_tick.tick() => {
-                        let gone = process_ref.poll_exit(&self.cfg);
+                        let gone = process_ref.poll_exit(&self.cfg).await;
                         if let Some(e) = gone {
                             died = Some(e);
                             status = CellStatus::KernelDied;
@@ -1459,6 +1555,11 @@ impl Runtime {
                     },
                 }
             }
+            if let Some((reason, _)) = stopping
+                && matches!(end, CellEnd::Done)
+            {
+                end = CellEnd::Stopped(reason);
+            }
         }
         drop(tx);
         let _ = forwarder.await;
@@ -1488,6 +1589,15 @@ impl Runtime {
                 },
             )
             .await;
+        if let Some(rtt) = kernel_rtt {
+            // The agent's own cost of a cell is `agent_us - kernel_us` (bench-kernel).
+            debug!(
+                target: "nbagent::timing",
+                agent_us = entered.elapsed().as_micros() as u64,
+                kernel_us = rtt.as_micros() as u64,
+                "cell timing"
+            );
+        }
         if died.is_none() && matches!(end, CellEnd::Done) && status != CellStatus::Aborted {
             self.after_cell(&p, status).await;
         } else if let Some(k) = self.kernel.as_mut() {

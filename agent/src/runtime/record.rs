@@ -1,7 +1,7 @@
 //! The record of the running kernel that lets a restarted agent adopt it.
 //!
 //! When the agent starts a kernel it writes `<state>/kernel/kernel.json` (mode 0600,
-//! atomically: temporary file, fsync, rename) with the kernel's process id and start
+//! atomically: temporary file, rename) with the kernel's process id and start
 //! time (so a recycled PID is not mistaken for the kernel), its connection info, and the
 //! cell that is running. An agent that starts and finds a record whose process is alive
 //! connects to that kernel instead of starting a new one.
@@ -118,6 +118,11 @@ impl KernelRecord {
     }
 
     /// Writes the record atomically with mode 0600.
+    ///
+    /// Without fsync: the record describes a live process, which survives a crash of
+    /// the agent (the page cache does too) but not of the machine; after a machine
+    /// crash a torn record is refused by [`load`](Self::load) and removed. It is saved
+    /// twice per cell, and an fsync costs milliseconds (bench-kernel).
     pub fn save(&self, path: &Path) -> Result<(), RecordError> {
         use std::os::unix::fs::OpenOptionsExt;
         let io = |source| RecordError::Io {
@@ -137,7 +142,6 @@ impl KernelRecord {
             .open(&tmp)
             .map_err(io)?;
         f.write_all(&json).map_err(io)?;
-        f.sync_data().map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
     }
 

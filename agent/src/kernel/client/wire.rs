@@ -56,6 +56,8 @@ pub(crate) struct Incoming {
     pub parent_id: Option<String>,
     /// The content, as sent.
     pub content: Value,
+    /// The header, as sent (the parent of an answer to this message).
+    pub header: Value,
 }
 
 impl Incoming {
@@ -103,6 +105,7 @@ pub(crate) fn decode(jparts: &[Bytes]) -> Result<Incoming, DecodeError> {
         msg_id,
         parent_id,
         content,
+        header,
     })
 }
 
