@@ -730,17 +730,17 @@ async fn agent_crash_in_a_busy_loop_can_be_interrupted() {
 
 const ORPHANS: &str = r#"
 import os, subprocess
-subprocess.Popen(['sh', '-c', 'sleep 1.51 &']).wait()
+subprocess.Popen(['sh', '-c', 'sleep 600.51 &']).wait()
 pid = os.fork()
 if pid == 0:
     if os.fork() == 0:
-        os.execv('/bin/sleep', ['sleep', '1.52'])
+        os.execv('/bin/sleep', ['sleep', '600.52'])
     os._exit(0)
 os.waitpid(pid, 0)
 print('spawned')
 "#;
 
-/// 7. Orphans the notebook abandons are reaped: after they end, no zombie is left
+/// 7. Orphans the notebook abandons are reaped: once they end, no zombie is left
 ///    anywhere under nbsupervisor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_children_are_reaped() {
@@ -754,7 +754,9 @@ async fn abandoned_children_are_reaped() {
     let sup = nb.supervisor_pid();
     let is_orphan = |p: &kernel::ProcInfo| {
         p.cmdline.first().is_some_and(|a| a == "sleep")
-            && p.cmdline.get(1).is_some_and(|a| a == "1.51" || a == "1.52")
+            && p.cmdline
+                .get(1)
+                .is_some_and(|a| a == "600.51" || a == "600.52")
     };
     let orphans: Vec<_> = tree(sup).into_iter().filter(is_orphan).collect();
     assert_eq!(
@@ -765,6 +767,15 @@ async fn abandoned_children_are_reaped() {
     for o in &orphans {
         // Their parents exited: they were reparented to the namespace's init.
         assert_eq!(o.ppid, rec.pid, "{o:?}");
+    }
+    // They end (killed here, so that the test does not depend on how long the machine
+    // took to get this far); whoever reaps them must leave no zombie.
+    for o in &orphans {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(o.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill an orphan");
     }
     let mut left = Vec::new();
     let clean = wait_until(Duration::from_secs(10), || {
