@@ -4,8 +4,6 @@
 //! /dev/null, no JPY_PARENT_PID) and kills it at the end. Tests skip, saying why, when
 //! that Python is missing.
 
-mod common;
-
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -36,7 +34,7 @@ impl Kernel {
     /// Starts a kernel, or says why it cannot and returns `None`.
     fn start() -> Option<Kernel> {
         if !Path::new(PYTHON).exists() {
-            common::say_skip(&format!(
+            nbagent_testkit::say_skip(&format!(
                 "skipping: {PYTHON} not found (the kernel venv is not installed)"
             ));
             return None;

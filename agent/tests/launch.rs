@@ -2,8 +2,6 @@
 //! (the `nbagent` binary), a real Python as the "kernel". Needs root and the users of
 //! scripts/setup.sh; skips with a printed reason otherwise.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -24,13 +22,13 @@ const DEADLINE: Duration = Duration::from_secs(20);
 /// The notebook user, or `None` (with the reason printed) when the test cannot run here.
 fn setup(test: &str) -> Option<UserInfo> {
     if !nix::unistd::geteuid().is_root() {
-        common::say_skip(&format!(
+        nbagent_testkit::say_skip(&format!(
             "skipping {test}: needs root (run the tests as root, as CI does)"
         ));
         return None;
     }
     if !Path::new(PYTHON).exists() {
-        common::say_skip(&format!(
+        nbagent_testkit::say_skip(&format!(
             "skipping {test}: {PYTHON} is missing (run scripts/setup.sh)"
         ));
         return None;
@@ -38,7 +36,7 @@ fn setup(test: &str) -> Option<UserInfo> {
     match UserPolicy::default().authorize(&SystemUserDb, "nbuser", "test") {
         Ok(u) => Some(u),
         Err(e) => {
-            common::say_skip(&format!(
+            nbagent_testkit::say_skip(&format!(
                 "skipping {test}: user nbuser is not usable ({e}); run scripts/setup.sh"
             ));
             None
@@ -377,7 +375,7 @@ fn finds_the_venv_kernelspec() {
         .join("share/jupyter/kernels/python3")
         .exists()
     {
-        common::say_skip(&format!(
+        nbagent_testkit::say_skip(&format!(
             "skipping finds_the_venv_kernelspec: no kernelspec in {VENV} (run scripts/setup.sh)"
         ));
         return;

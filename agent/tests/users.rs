@@ -1,20 +1,18 @@
 //! The user policy against the real user database (the users of scripts/setup.sh).
 
-mod common;
-
 use nbagent::users::{SudoReason, SystemUserDb, UserError, UserPolicy};
 
 /// Whether the users of scripts/setup.sh exist; prints why not.
 fn setup(test: &str) -> bool {
     if !nix::unistd::geteuid().is_root() {
-        common::say_skip(&format!(
+        nbagent_testkit::say_skip(&format!(
             "skipping {test}: needs root (run the tests as root, as CI does)"
         ));
         return false;
     }
     for user in ["nbuser", "nbsudoer"] {
         if nix::unistd::User::from_name(user).ok().flatten().is_none() {
-            common::say_skip(&format!(
+            nbagent_testkit::say_skip(&format!(
                 "skipping {test}: user {user} is missing (run scripts/setup.sh)"
             ));
             return false;

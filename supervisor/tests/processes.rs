@@ -7,19 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use nbagent_testkit::say_skip;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// Says why a test cannot run on this machine; with `NBAGENT_TEST_REQUIRE=1` (CI and
-/// `scripts/test.sh`, which install everything) a skip is a failure instead.
-fn say_skip(msg: &str) {
-    let required = std::env::var("NBAGENT_TEST_REQUIRE").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "{msg}; NBAGENT_TEST_REQUIRE=1 says this machine must run it"
-    );
-    eprintln!("{msg}");
-}
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nbsupervisor");
