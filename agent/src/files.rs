@@ -481,7 +481,7 @@ async fn read(
     timeout: Duration,
 ) -> Result<Vec<u8>, BackingError> {
     let len = len as usize;
-    let mut out = Vec::with_capacity(len.min(16 << 20));
+    let mut out = Vec::new();
     while out.len() < len {
         let at = offset + out.len() as u64;
         let want = u32::try_from((len - out.len()).min(CHUNK * 4)).unwrap_or(u32::MAX);
@@ -515,8 +515,14 @@ async fn read(
             }
             Message::FileData { eof, .. } => {
                 check_reply_len(path, frame.payload.len(), want)?;
-                out.extend_from_slice(&frame.payload);
-                if eof || frame.payload.is_empty() {
+                let last = eof || frame.payload.is_empty();
+                if out.is_empty() {
+                    // The usual case, one answer: the payload's buffer itself, no copy.
+                    out = Vec::from(frame.payload);
+                } else {
+                    out.extend_from_slice(&frame.payload);
+                }
+                if last {
                     break;
                 }
             }

@@ -8,7 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::backing::hash_bytes;
 use crate::error::{BackingError, FsError, FsResult};
@@ -121,11 +121,85 @@ impl ReadAhead {
     }
 }
 
+/// Fetches up to `len` bytes at `offset` of one content version from the backing; may
+/// be called from several threads at once (read-ahead).
+pub type Fetch = Arc<dyn Fn(u64, u32) -> Result<Vec<u8>, BackingError> + Send + Sync>;
+
+/// The fetches a read starts: see [`plan_fetches`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchPlan {
+    /// Missing parts of the requested range that nobody is fetching: the reader fetches
+    /// them itself, in order.
+    pub need: Vec<(u64, u64)>,
+    /// Missing parts of the read-ahead window that nobody is fetching, to fetch in the
+    /// background (at most the in-flight bound, counting fetches already running).
+    pub ahead: Vec<(u64, u64)>,
+    /// Whether part of the requested range is being fetched by someone else: the reader
+    /// waits for it.
+    pub wait: bool,
+}
+
+/// Plans the fetches of a read of `[offset, end)` with read-ahead up to `ahead_end`, of
+/// content of `size` bytes, given the bytes `present` and the ranges `in_flight`. Every
+/// fetch lies within one `chunk`-aligned chunk of the content, so concurrent readers
+/// and read-ahead ask for the same ranges; a window of at least one chunk is rounded up
+/// to a chunk boundary, so a sequential reader's read-ahead asks for whole chunks, not
+/// for the sliver its window moved by. At most `max_in_flight` fetches run at once
+/// (counting `in_flight`); the requested range is fetched regardless.
+pub fn plan_fetches(
+    present: &RangeSet,
+    in_flight: &BTreeMap<u64, u64>,
+    size: u64,
+    (offset, end): (u64, u64),
+    ahead_end: u64,
+    chunk: u64,
+    max_in_flight: usize,
+) -> FetchPlan {
+    let chunk = chunk.max(1);
+    let end = end.min(size);
+    let mut covered = present.clone();
+    for (&s, &e) in in_flight {
+        covered.insert(s, e);
+    }
+    let missing_len = |set: &RangeSet, a: u64, b: u64| -> u64 {
+        set.missing(a, b).iter().map(|(s, e)| e - s).sum()
+    };
+    let mut plan = FetchPlan {
+        wait: missing_len(&covered, offset, end) < missing_len(present, offset, end),
+        ..FetchPlan::default()
+    };
+    let split = |covered: &RangeSet, a: u64, b: u64, out: &mut Vec<(u64, u64)>, max: usize| {
+        for (mut s, e) in covered.missing(a, b) {
+            while s < e && out.len() < max {
+                let stop = e.min((s / chunk + 1).saturating_mul(chunk));
+                out.push((s, stop));
+                s = stop;
+            }
+        }
+    };
+    split(&covered, offset, end, &mut plan.need, usize::MAX);
+    for &(s, e) in &plan.need {
+        covered.insert(s, e);
+    }
+    let window = ahead_end.saturating_sub(offset);
+    let mut ahead_end = ahead_end.min(size);
+    if window >= chunk {
+        ahead_end = ahead_end.div_ceil(chunk).saturating_mul(chunk).min(size);
+    }
+    let room = max_in_flight.saturating_sub(in_flight.len() + plan.need.len());
+    if end < ahead_end && room > 0 {
+        split(&covered, end, ahead_end, &mut plan.ahead, room);
+    }
+    plan
+}
+
 #[derive(Debug)]
 struct Entry {
     file: Arc<File>,
     size: u64,
     present: RangeSet,
+    /// Ranges being fetched (disjoint), start -> end.
+    in_flight: BTreeMap<u64, u64>,
     last_used: u64,
 }
 
@@ -153,16 +227,31 @@ pub fn cache_key(version: &str) -> String {
 /// See the module documentation.
 #[derive(Debug)]
 pub struct ContentCache {
+    shared: Arc<Shared>,
+    chunk: u32,
+    max_in_flight: usize,
+}
+
+/// What the cache shares with its read-ahead threads.
+#[derive(Debug)]
+struct Shared {
     dir: PathBuf,
     max_bytes: u64,
-    chunk: u32,
     inner: Mutex<Inner>,
+    /// Signalled whenever a fetch ends (its range present, or given up).
+    fetched: Condvar,
 }
 
 impl ContentCache {
     /// A cache in `dir` (created; leftover files of an earlier run are removed) holding at
-    /// most about `max_bytes`, fetching at most `chunk` bytes per backing read.
-    pub fn new(dir: impl Into<PathBuf>, max_bytes: u64, chunk: u32) -> io::Result<Self> {
+    /// most about `max_bytes`, fetching at most `chunk` bytes per backing read, with at
+    /// most `max_in_flight` backing reads of one content version running at once.
+    pub fn new(
+        dir: impl Into<PathBuf>,
+        max_bytes: u64,
+        chunk: u32,
+        max_in_flight: usize,
+    ) -> io::Result<Self> {
         let dir = dir.into();
         fs::create_dir_all(&dir)?;
         for e in fs::read_dir(&dir)? {
@@ -172,13 +261,31 @@ impl ContentCache {
             }
         }
         Ok(ContentCache {
-            dir,
-            max_bytes,
+            shared: Arc::new(Shared {
+                dir,
+                max_bytes,
+                inner: Mutex::new(Inner::default()),
+                fetched: Condvar::new(),
+            }),
             chunk: chunk.max(4096),
-            inner: Mutex::new(Inner::default()),
+            max_in_flight: max_in_flight.max(1),
         })
     }
 
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.shared.lock()
+    }
+
+    fn path_of(&self, key: &str) -> PathBuf {
+        self.shared.path_of(key)
+    }
+
+    fn evict(&self, inner: &mut Inner, keep: &str) {
+        self.shared.evict(inner, keep)
+    }
+}
+
+impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -210,6 +317,7 @@ impl ContentCache {
                 file: file.clone(),
                 size,
                 present: RangeSet::default(),
+                in_flight: BTreeMap::new(),
                 last_used: tick,
             },
         ) {
@@ -235,8 +343,53 @@ impl ContentCache {
         }
     }
 
+    /// Records `data`, fetched at `at` into `file` (the entry of `key` when the fetch
+    /// started), and ends the fetch that started at `at`.
+    fn store(&self, key: &str, file: &Arc<File>, at: u64, data: &[u8]) {
+        let written = match file.write_all_at(data, at) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "cannot write to the content cache");
+                false
+            }
+        };
+        let mut inner = self.lock();
+        if let Some(e) = inner.entries.get_mut(key)
+            && Arc::ptr_eq(&e.file, file)
+        {
+            e.in_flight.remove(&at);
+            let added = if written {
+                let before = e.present.len();
+                e.present.insert(at, at + data.len() as u64);
+                e.present.len() - before
+            } else {
+                0
+            };
+            inner.used += added;
+        }
+        self.evict(&mut inner, key);
+        drop(inner);
+        self.fetched.notify_all();
+    }
+
+    /// Ends the fetch of `[at, ..)` of `key` without data.
+    fn abandon(&self, key: &str, file: &Arc<File>, at: u64) {
+        let mut inner = self.lock();
+        if let Some(e) = inner.entries.get_mut(key)
+            && Arc::ptr_eq(&e.file, file)
+        {
+            e.in_flight.remove(&at);
+        }
+        drop(inner);
+        self.fetched.notify_all();
+    }
+}
+
+impl ContentCache {
     /// Reads `len` bytes at `offset` of content `key` of `size` bytes, fetching the
-    /// missing parts of `[offset, offset + prefetch)` with `fetch(offset, len)`.
+    /// missing parts of `[offset, offset + len)` with `fetch(offset, len)` and starting
+    /// background fetches of `[offset, offset + prefetch)` (see [`plan_fetches`]). A part
+    /// another reader or the read-ahead is already fetching is waited for.
     pub fn read(
         &self,
         key: &str,
@@ -244,32 +397,50 @@ impl ContentCache {
         offset: u64,
         len: u32,
         prefetch: u64,
-        fetch: &dyn Fn(u64, u32) -> Result<Vec<u8>, BackingError>,
+        fetch: &Fetch,
     ) -> FsResult<Vec<u8>> {
         if offset >= size || len == 0 {
             return Ok(Vec::new());
         }
         let end = size.min(offset.saturating_add(u64::from(len)));
-        let want_end = size.min(offset.saturating_add(prefetch.max(u64::from(len))));
-        let (file, missing) = {
-            let mut inner = self.lock();
-            let file = self.entry_file(&mut inner, key, size)?;
-            let missing = inner
-                .entries
-                .get(key)
-                .map(|e| e.present.missing(offset, want_end))
-                .unwrap_or_else(|| vec![(offset, want_end)]);
-            (file, missing)
-        };
+        let ahead_end = size.min(offset.saturating_add(prefetch.max(u64::from(len))));
         let mut out = vec![0u8; (end - offset) as usize];
         let mut from_backing = RangeSet::default();
-        for (mut at, stop) in missing {
-            while at < stop {
-                let n = u32::try_from((stop - at).min(u64::from(self.chunk))).unwrap_or(self.chunk);
-                let data = fetch(at, n)?;
-                if data.is_empty() {
+        loop {
+            let (file, plan) = {
+                let mut inner = self.lock();
+                let file = self.shared.entry_file(&mut inner, key, size)?;
+                let Some(e) = inner.entries.get_mut(key) else {
                     break;
+                };
+                let plan = plan_fetches(
+                    &e.present,
+                    &e.in_flight,
+                    size,
+                    (offset, end),
+                    ahead_end,
+                    u64::from(self.chunk),
+                    self.max_in_flight,
+                );
+                for &(s, stop) in plan.need.iter().chain(&plan.ahead) {
+                    e.in_flight.insert(s, stop);
                 }
+                (file, plan)
+            };
+            for &(s, stop) in &plan.ahead {
+                self.fetch_in_background(key, &file, s, stop, fetch);
+            }
+            for (i, &(at, stop)) in plan.need.iter().enumerate() {
+                let n = u32::try_from(stop - at).unwrap_or(self.chunk);
+                let data = match fetch(at, n) {
+                    Ok(d) => d,
+                    Err(err) => {
+                        for &(s, _) in &plan.need[i..] {
+                            self.shared.abandon(key, &file, s);
+                        }
+                        return Err(err.into());
+                    }
+                };
                 let got_end = at + data.len() as u64;
                 // Copy the overlap with the request into the answer.
                 let lo = at.max(offset);
@@ -279,24 +450,37 @@ impl ContentCache {
                         .copy_from_slice(&data[(lo - at) as usize..(hi - at) as usize]);
                     from_backing.insert(lo, hi);
                 }
-                match file.write_all_at(&data, at) {
-                    Ok(()) => {
-                        let mut inner = self.lock();
-                        if let Some(e) = inner.entries.get_mut(key)
-                            && Arc::ptr_eq(&e.file, &file)
-                        {
-                            let before = e.present.len();
-                            e.present.insert(at, got_end);
-                            let added = e.present.len() - before;
-                            inner.used += added;
-                        }
-                        self.evict(&mut inner, key);
-                    }
-                    Err(e) => tracing::warn!(key, error = %e, "cannot write to the content cache"),
+                self.shared.store(key, &file, at, &data);
+            }
+            if !plan.wait {
+                break;
+            }
+            // Someone else is fetching part of the range: wait until nothing overlapping
+            // it is in flight, then plan again (a failed fetch is retried by this reader,
+            // whose own error then reaches the kernel).
+            let mut inner = self.lock();
+            loop {
+                let busy = inner.entries.get(key).is_some_and(|e| {
+                    Arc::ptr_eq(&e.file, &file)
+                        && e.in_flight
+                            .range(..end)
+                            .next_back()
+                            .is_some_and(|(_, &stop)| stop > offset)
+                });
+                if !busy {
+                    break;
                 }
-                at = got_end;
+                inner = self
+                    .shared
+                    .fetched
+                    .wait(inner)
+                    .unwrap_or_else(|p| p.into_inner());
             }
         }
+        let file = {
+            let mut inner = self.lock();
+            self.shared.entry_file(&mut inner, key, size)?
+        };
         for (lo, hi) in from_backing.missing(offset, end) {
             read_full_at(
                 &file,
@@ -305,6 +489,30 @@ impl ContentCache {
             )?;
         }
         Ok(out)
+    }
+
+    /// Fetches `[at, stop)` of `key` on a read-ahead thread.
+    fn fetch_in_background(&self, key: &str, file: &Arc<File>, at: u64, stop: u64, fetch: &Fetch) {
+        let (shared, key_owned, file_owned, fetch) = (
+            self.shared.clone(),
+            key.to_owned(),
+            file.clone(),
+            fetch.clone(),
+        );
+        let n = u32::try_from(stop - at).unwrap_or(self.chunk);
+        let spawned = std::thread::Builder::new()
+            .name("nbfs-readahead".into())
+            .spawn(move || match fetch(at, n) {
+                Ok(data) => shared.store(&key_owned, &file_owned, at, &data),
+                Err(e) => {
+                    tracing::debug!(key = %key_owned, at, error = %e, "read-ahead failed");
+                    shared.abandon(&key_owned, &file_owned, at);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a read-ahead thread");
+            self.shared.abandon(key, file, at);
+        }
     }
 
     /// The cache file of `key` if all its `size` bytes are present.
@@ -321,15 +529,10 @@ impl ContentCache {
     }
 
     /// Fetches every missing byte of `key`.
-    pub fn fill(
-        &self,
-        key: &str,
-        size: u64,
-        fetch: &dyn Fn(u64, u32) -> Result<Vec<u8>, BackingError>,
-    ) -> FsResult<()> {
+    pub fn fill(&self, key: &str, size: u64, fetch: &Fetch) -> FsResult<()> {
         let missing = {
             let mut inner = self.lock();
-            self.entry_file(&mut inner, key, size)?;
+            self.shared.entry_file(&mut inner, key, size)?;
             inner
                 .entries
                 .get(key)
@@ -356,6 +559,7 @@ impl ContentCache {
             file,
             size,
             present,
+            in_flight: BTreeMap::new(),
             last_used: inner.tick,
         };
         if let Some(old) = inner.entries.insert(key.to_owned(), entry) {
@@ -397,9 +601,83 @@ pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> FsResult
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    fn set(ranges: &[(u64, u64)]) -> RangeSet {
+        let mut r = RangeSet::default();
+        for &(s, e) in ranges {
+            r.insert(s, e);
+        }
+        r
+    }
+
+    #[test]
+    fn plan_keeps_a_bounded_window_of_whole_chunks_in_flight() {
+        const C: u64 = 100;
+        let none = BTreeMap::new();
+        // A small first read: only its own bytes and a small window, no rounding.
+        let p = plan_fetches(&set(&[]), &none, 10_000, (0, 10), 50, C, 4);
+        assert_eq!(p.need, vec![(0, 10)]);
+        assert_eq!(p.ahead, vec![(10, 50)]);
+        assert!(!p.wait);
+        // A window of at least a chunk is rounded up to whole chunks, split per chunk,
+        // and bounded by the in-flight limit (the needed part counts).
+        let p = plan_fetches(&set(&[]), &none, 10_000, (0, 10), 1000, C, 4);
+        assert_eq!(p.need, vec![(0, 10)]);
+        assert_eq!(p.ahead, vec![(10, 100), (100, 200), (200, 300)]);
+        // A sequential reader inside a chunk being fetched waits for it, and tops the
+        // window up with the next whole chunks, never the sliver its window moved by.
+        let fl: BTreeMap<u64, u64> = [(300, 400), (400, 500)].into();
+        let p = plan_fetches(&set(&[(0, 300)]), &fl, 10_000, (290, 310), 690, C, 4);
+        assert!(p.need.is_empty());
+        assert!(p.wait);
+        assert_eq!(p.ahead, vec![(500, 600), (600, 700)]);
+        // At the bound nothing more starts; the requested range is fetched regardless.
+        let fl: BTreeMap<u64, u64> = [(100, 200), (200, 300), (300, 400), (400, 500)].into();
+        let p = plan_fetches(&set(&[]), &fl, 10_000, (0, 50), 1000, C, 4);
+        assert_eq!(p.need, vec![(0, 50)]);
+        assert!(p.ahead.is_empty());
+        assert!(!p.wait);
+        // Present bytes are skipped, a read across a chunk boundary is split at it, and
+        // nothing is planned past the end of the content.
+        let p = plan_fetches(&set(&[(120, 130)]), &none, 250, (90, 160), 1000, C, 8);
+        assert_eq!(p.need, vec![(90, 100), (100, 120), (130, 160)]);
+        assert_eq!(p.ahead, vec![(160, 200), (200, 250)]);
+        // A fully present range plans nothing.
+        let p = plan_fetches(&set(&[(0, 250)]), &none, 250, (0, 250), 1000, C, 8);
+        assert_eq!(p, FetchPlan::default());
+    }
+
+    #[test]
+    fn concurrent_read_ahead_fills_the_right_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ContentCache::new(dir.path(), 1 << 30, 4096, 4).unwrap();
+        let data: Arc<Vec<u8>> = Arc::new((0..200_000u32).map(|i| (i % 251) as u8).collect());
+        let d = data.clone();
+        let fetch: Fetch = Arc::new(move |off: u64, len: u32| {
+            let end = (off as usize + len as usize).min(d.len());
+            Ok(d[off as usize..end].to_vec())
+        });
+        let key = cache_key("seq");
+        let size = data.len() as u64;
+        let mut ra = ReadAhead::new(4096, 64 << 10);
+        let mut at = 0u64;
+        while at < size {
+            let prefetch = ra.advise(at, 1000);
+            let got = cache.read(&key, size, at, 1000, prefetch, &fetch).unwrap();
+            let end = (at as usize + 1000).min(data.len());
+            assert_eq!(got, &data[at as usize..end], "at {at}");
+            at += 1000;
+        }
+        // Read-ahead threads may still be finishing; a fill waits for them.
+        cache.fill(&key, size, &fetch).unwrap();
+        let file = cache.complete(&key, size).expect("complete");
+        let mut all = vec![0u8; data.len()];
+        read_full_at(&file, &mut all, 0).unwrap();
+        assert_eq!(all, *data);
+    }
 
     #[test]
     fn range_set() {
@@ -431,14 +709,15 @@ mod tests {
     #[test]
     fn fetches_once_and_evicts_lru() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = ContentCache::new(dir.path(), 250, 4096).unwrap();
+        let cache = ContentCache::new(dir.path(), 250, 4096, 4).unwrap();
         let data: Vec<u8> = (0..100u8).collect();
-        let calls = Cell::new(0);
-        let fetch = |off: u64, len: u32| {
-            calls.set(calls.get() + 1);
-            let end = (off as usize + len as usize).min(data.len());
-            Ok(data[off as usize..end].to_vec())
-        };
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (c, d) = (calls.clone(), data.clone());
+        let fetch: Fetch = Arc::new(move |off: u64, len: u32| {
+            c.fetch_add(1, Ordering::SeqCst);
+            let end = (off as usize + len as usize).min(d.len());
+            Ok(d[off as usize..end].to_vec())
+        });
         let k1 = cache_key("one");
         assert_eq!(
             cache.read(&k1, 100, 10, 5, 0, &fetch).unwrap(),
@@ -446,12 +725,16 @@ mod tests {
         );
         assert!(cache.complete(&k1, 100).is_none());
         assert_eq!(cache.read(&k1, 100, 0, 100, 0, &fetch).unwrap(), data);
-        let before = calls.get();
+        let before = calls.load(Ordering::SeqCst);
         assert_eq!(
             cache.read(&k1, 100, 50, 10, 0, &fetch).unwrap(),
             &data[50..60]
         );
-        assert_eq!(calls.get(), before, "a cached range is not fetched again");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            before,
+            "a cached range is not fetched again"
+        );
         assert!(cache.complete(&k1, 100).is_some());
         // Reads past the end are short.
         assert_eq!(

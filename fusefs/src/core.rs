@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nbagent_protocol::{FileKind, FileRoot};
 
 use crate::backing::{self, Backing, DEFAULT_MAX_ENTRIES, Listing};
-use crate::cache::{ContentCache, ReadAhead, cache_key, read_full_at};
+use crate::cache::{ContentCache, Fetch, ReadAhead, cache_key, read_full_at};
 use crate::error::{BackingError, FsError, FsResult};
 use crate::path::{join, validate_name_os};
 
@@ -104,10 +104,13 @@ pub struct FsConfig {
     pub cache_bytes: u64,
     /// First read-ahead window (default 128 KiB).
     pub readahead_min: u64,
-    /// Largest read-ahead window (default 16 MiB).
+    /// Largest read-ahead window (default 32 MiB).
     pub readahead_max: u64,
     /// Most bytes asked of the backing in one read (default 4 MiB).
     pub fetch_chunk: u32,
+    /// Most backing reads of one file running at once: a sequential reader's read-ahead
+    /// fetches the chunks of its window concurrently (default 8).
+    pub fetch_in_flight: usize,
     /// Files up to this size are fetched whole when opened, so they can be passed
     /// through (default 8 MiB).
     pub fetch_whole_below: u64,
@@ -130,8 +133,9 @@ impl FsConfig {
             cache_dir: work.join("cache"),
             cache_bytes: 4 << 30,
             readahead_min: 128 << 10,
-            readahead_max: 16 << 20,
+            readahead_max: 32 << 20,
             fetch_chunk: 4 << 20,
+            fetch_in_flight: 8,
             fetch_whole_below: 8 << 20,
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
@@ -283,7 +287,12 @@ impl Fs {
         clock: Arc<dyn Clock>,
     ) -> FsResult<Self> {
         fs::create_dir_all(&config.staging_dir)?;
-        let cache = ContentCache::new(&config.cache_dir, config.cache_bytes, config.fetch_chunk)?;
+        let cache = ContentCache::new(
+            &config.cache_dir,
+            config.cache_bytes,
+            config.fetch_chunk,
+            config.fetch_in_flight,
+        )?;
         let now = clock.now();
         let mut inodes = HashMap::new();
         inodes.insert(
@@ -643,12 +652,10 @@ impl Fs {
         Ok((Arc::new(file), path))
     }
 
-    fn fetcher<'a>(
-        &'a self,
-        path: &'a str,
-        version: &'a str,
-    ) -> impl Fn(u64, u32) -> Result<Vec<u8>, BackingError> + 'a {
-        move |off, len| self.backing.read(self.config.root, path, version, off, len)
+    fn fetcher(&self, path: &str, version: &str) -> Fetch {
+        let (backing, root) = (self.backing.clone(), self.config.root);
+        let (path, version) = (path.to_owned(), version.to_owned());
+        Arc::new(move |off, len| backing.read(root, &path, &version, off, len))
     }
 
     /// Gives `ino` a staging copy holding its current content (or nothing if `empty`).

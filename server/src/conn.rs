@@ -39,6 +39,12 @@ const MAX_BATCH: usize = 2048;
 /// Largest number of bytes gathered into one batch.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
+/// `file_read` queries of one connection answered at the same time. Their answers are
+/// written as they complete (the agent matches them by request id), so a sequential
+/// reader that keeps several ranges in flight is not served one range at a time; beyond
+/// this many the connection loop waits for the oldest to be answered.
+const MAX_READS_IN_FLIGHT: usize = 8;
+
 /// Why a connection ended, for the log.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -469,6 +475,7 @@ where
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut frames: Vec<RawFrame> = Vec::with_capacity(MAX_BATCH);
     let mut acked_sent = stored;
+    let mut reads: tokio::task::JoinSet<Frame> = tokio::task::JoinSet::new();
     loop {
         frames.clear();
         tokio::select! {
@@ -497,6 +504,10 @@ where
             _ = replaced.notified() => {
                 let _ = send(&mut wr, Message::Goodbye { reason: "replaced by a newer connection of this agent".into() }).await;
                 return Err(ConnError::Replaced);
+            }
+            Some(done) = reads.join_next(), if !reads.is_empty() => {
+                write_read_answer(&mut wr, done).await?;
+                continue;
             }
         }
         last_rx = Instant::now();
@@ -625,9 +636,36 @@ where
                     debug!(%agent, seq, "duplicate dropped");
                     duplicates = true;
                 }
-                ServerEvent::Control => {
-                    control(&mut wr, state, &agent, frame.envelope.msg).await?;
-                }
+                ServerEvent::Control => match frame.envelope.msg {
+                    Message::FileRead {
+                        request,
+                        root,
+                        path,
+                        version,
+                        offset,
+                        len,
+                    } => {
+                        while reads.len() >= MAX_READS_IN_FLIGHT {
+                            match reads.join_next().await {
+                                Some(done) => write_read_answer(&mut wr, done).await?,
+                                None => break,
+                            }
+                        }
+                        let (state, agent) = (state.clone(), agent.clone());
+                        reads.spawn(async move {
+                            let read = FileRead {
+                                request,
+                                root,
+                                path,
+                                version,
+                                offset,
+                                len,
+                            };
+                            read.answer(&state, &agent).await
+                        });
+                    }
+                    msg => control(&mut wr, state, &agent, msg).await?,
+                },
                 ServerEvent::Goodbye => goodbye = true,
                 ServerEvent::Enroll { .. } | ServerEvent::Hello { .. } => {
                     return Err(refuse(
@@ -683,6 +721,86 @@ where
             return Ok(());
         }
     }
+}
+
+/// One `file_read` query, answered off the connection loop.
+#[derive(Debug)]
+struct FileRead {
+    request: u64,
+    root: FileRoot,
+    path: String,
+    version: String,
+    offset: u64,
+    len: u32,
+}
+
+impl FileRead {
+    /// The `file_data` answer: the range (one positioned read into the payload buffer,
+    /// at most `files::MAX_READ` bytes) or the reason it was refused.
+    async fn answer(self, state: &ServerState, agent: &str) -> Frame {
+        let FileRead {
+            request,
+            root,
+            path,
+            version,
+            offset,
+            len,
+        } = self;
+        let r = files::read_range(
+            &state.store,
+            &state.blobs,
+            agent,
+            root,
+            &path,
+            &version,
+            offset,
+            len,
+        )
+        .await;
+        let (msg, payload) = match r {
+            Ok((bytes, eof)) => (
+                Message::FileData {
+                    request,
+                    offset,
+                    eof,
+                    error: None,
+                },
+                bytes::Bytes::from(bytes),
+            ),
+            Err(e) => {
+                debug!(%agent, %path, error = %e, "file read refused");
+                (
+                    Message::FileData {
+                        request,
+                        offset,
+                        eof: true,
+                        error: Some(e.to_string()),
+                    },
+                    bytes::Bytes::new(),
+                )
+            }
+        };
+        Frame {
+            envelope: nbagent_protocol::Envelope { seq: None, msg },
+            payload,
+        }
+    }
+}
+
+/// Writes a finished `file_read` answer. A task that panicked answers nothing: the
+/// agent's query times out and the kernel sees `EIO`.
+async fn write_read_answer<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    done: Result<Frame, tokio::task::JoinError>,
+) -> Result<(), ConnError> {
+    match done {
+        Ok(frame) => {
+            write_frame(wr, &frame).await?;
+            wr.flush().await.map_err(IoError::from)?;
+        }
+        Err(e) => warn!(error = %e, "file read task failed"),
+    }
+    Ok(())
 }
 
 /// A blob chunk waiting to be written.
@@ -904,56 +1022,6 @@ async fn control<W: AsyncWrite + Unpin>(
                 }
             };
             send(wr, msg).await
-        }
-        Message::FileRead {
-            request,
-            root,
-            path,
-            version,
-            offset,
-            len,
-        } => {
-            let r = files::read_range(
-                &state.store,
-                &state.blobs,
-                agent,
-                root,
-                &path,
-                &version,
-                offset,
-                len,
-            )
-            .await;
-            let (msg, payload) = match r {
-                Ok((bytes, eof)) => (
-                    Message::FileData {
-                        request,
-                        offset,
-                        eof,
-                        error: None,
-                    },
-                    bytes::Bytes::from(bytes),
-                ),
-                Err(e) => {
-                    debug!(%agent, %path, error = %e, "file read refused");
-                    (
-                        Message::FileData {
-                            request,
-                            offset,
-                            eof: true,
-                            error: Some(e.to_string()),
-                        },
-                        bytes::Bytes::new(),
-                    )
-                }
-            };
-            let frame = Frame {
-                envelope: nbagent_protocol::Envelope { seq: None, msg },
-                payload,
-            };
-            write_frame(wr, &frame).await?;
-            wr.flush().await.map_err(IoError::from)?;
-            Ok(())
         }
         Message::RenewCertificate { csr_pem } => {
             let issued = state.ca.read().await.sign_agent_csr(

@@ -61,16 +61,21 @@
 //!
 //! Where the time goes, for the targets missed:
 //!
-//! - **Cold read** (0.2 GB/s, target 1 GB/s). The content cache fetches its read-ahead
-//!   window (up to 16 MiB) as 4 MiB `file_read` queries one after the other, and the
-//!   server answers one connection's queries in order (database lookup, blob read,
-//!   TLS), so one request is in flight at a time. `perf record -a` during the read:
-//!   the server's AES-GCM encryption, the agent's decryption, memmove and the two FUSE
-//!   threads together use ~0.7 of the 2 vCPUs (the rest went to other builds): the path
-//!   is latency-bound, not CPU-bound. The fix is several fetches in flight (the cache
-//!   fetching the window's chunks concurrently, the server answering `file_read` off its
-//!   read loop); not cheap, left. Per byte the path costs two AES-GCM passes and about
-//!   five copies, so even pipelined, 1 GB/s on two vCPUs is at the edge.
+//! - **Cold read** (0.2 GB/s in the table above, target 1 GB/s). The table was taken
+//!   when the content cache fetched its read-ahead window as 4 MiB `file_read` queries
+//!   one after the other and the server answered one connection's queries in order:
+//!   one request in flight, ~0.7 of the 2 vCPUs busy. Since then the cache keeps up to
+//!   8 chunk-aligned 4 MiB fetches in flight (background read-ahead over a window of up
+//!   to 32 MiB) and the server answers up to 8 `file_read` queries of a connection at
+//!   once. With `--size-mib 512 --files 2000` on the ext4 disk (load average 2.5-4)
+//!   the cold read went from 0.24 GB/s to 0.37 GB/s. `perf record -a` during the read
+//!   now finds the vCPUs busy (idle ~3%): kernel copies to and from user space
+//!   (`_copy_to_iter` 12%), user-space memmove 12%, AES-GCM encryption and decryption
+//!   ~3% each, memset 3% (zeroed buffers), spinlocks ~10%. Per byte the path still
+//!   costs two AES-GCM passes and about seven copies (blob pread, TLS write, TLS read,
+//!   frame payload, cache pwrite, cache pread for the reply, `/dev/fuse`), so the next
+//!   lever is copies, not concurrency: reply to FUSE from the fetched buffer, read blobs
+//!   into unzeroed buffers, decode payloads in place.
 //! - **Write + close** (0.17-0.4 GB/s: 28% of native on disk, 10-14% on tmpfs). The writes themselves go
 //!   to the staged file through passthrough; the close then copies the staged file to a
 //!   snapshot (the kernel may keep writing), hashes it (SHA-256: the version travels in
