@@ -670,16 +670,24 @@ fn own_copy(dir: &Path, writable: bool, uid: u32, gid: u32) -> std::io::Result<(
 }
 
 fn set_owner(p: &Path, writable: bool, dir: bool, uid: u32, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mode = match (writable, dir) {
         (true, true) => 0o755,
         (true, false) => 0o644,
         (false, true) => 0o555,
         (false, false) => 0o444,
     };
+    // Through the descriptor of the entry itself, never a symlink put in its place: a
+    // kernel running beside a restarted agent writes in this tree.
+    let nofollow = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nofollow.bits())
+        .open(p)?;
     if writable && nix::unistd::geteuid().is_root() {
-        std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
     }
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
 }
 
 impl AttachedFiles {

@@ -4,7 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+use nix::sys::stat::{Mode, mkdirat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use nbagent_protocol::{FileKind, FileRoot};
 
@@ -92,20 +98,29 @@ pub fn copy_tree(
     };
     let mut entries = listing.entries;
     entries.sort_by(|a, b| a.path.cmp(&b.path));
+    // The tree may hold what a kernel left there (an agent restarted beside a running
+    // kernel copies again): nothing below `dest` is followed if it is a symlink, so a
+    // planted link cannot make this (root) process write outside the tree.
+    let base = open_dir(dest).map_err(io_at(dest))?;
     for entry in entries {
         let mut local = dest.to_owned();
         // Validated by validate_listing: relative, no dots.
         local.extend(entry.path.split('/'));
-        if let Some(parent) = local.parent() {
-            fs::create_dir_all(parent).map_err(io_at(parent))?;
-        }
+        let (parent, name) = match entry.path.rsplit_once('/') {
+            Some((parent, name)) => (Some(parent), name),
+            None => (None, entry.path.as_str()),
+        };
+        let parent_fd = match parent {
+            Some(parent) => dirs_beneath(&base, parent).map_err(io_at(&local))?,
+            None => base.try_clone().map_err(io_at(dest))?,
+        };
         match entry.kind {
             FileKind::Dir => {
-                fs::create_dir_all(&local).map_err(io_at(&local))?;
+                dirs_beneath(&parent_fd, name).map_err(io_at(&local))?;
                 manifest.dirs.insert(entry.path);
             }
             FileKind::File => {
-                let mut out = File::create(&local).map_err(io_at(&local))?;
+                let mut out = create_beneath(&parent_fd, name).map_err(io_at(&local))?;
                 let mut offset = 0u64;
                 loop {
                     let data =
@@ -117,7 +132,8 @@ pub fn copy_tree(
                     offset += data.len() as u64;
                 }
                 drop(out);
-                let mut f = File::open(&local).map_err(io_at(&local))?;
+                let mut f = open_beneath(&base, &entry.path, OFlag::O_RDONLY, Mode::empty())
+                    .map_err(io_at(&local))?;
                 let hash = hash_file(&mut f).map_err(io_at(&local))?;
                 manifest.files.insert(entry.path.clone(), hash);
                 manifest.versions.insert(entry.path, entry.version);
@@ -125,6 +141,76 @@ pub fn copy_tree(
         }
     }
     Ok(manifest)
+}
+
+/// How every path below a copied tree is resolved: beneath its directory, through no
+/// symlink at all.
+fn no_links() -> ResolveFlag {
+    ResolveFlag::RESOLVE_BENEATH
+        | ResolveFlag::RESOLVE_NO_SYMLINKS
+        | ResolveFlag::RESOLVE_NO_MAGICLINKS
+}
+
+/// Opens the directory of a copied tree (the agent made it; trusted).
+fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    Ok(openat2(nix::fcntl::AT_FDCWD, dir, how)?)
+}
+
+/// Opens `rel` beneath `base`, through no symlink.
+fn open_beneath(base: &OwnedFd, rel: &str, flags: OFlag, mode: Mode) -> io::Result<File> {
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .mode(mode)
+        .resolve(no_links());
+    Ok(File::from(openat2(base, rel, how)?))
+}
+
+/// Whether an open failed because a symlink (or a non-directory) is in the way.
+fn in_the_way(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::ELOOP | Errno::ENOTDIR | Errno::EXDEV)
+    )
+}
+
+/// The directory `rel` beneath `base`, made where missing; a symlink or file in the way
+/// of a component is removed first (it is the copy's, not the server's).
+fn dirs_beneath(base: &OwnedFd, rel: &str) -> io::Result<OwnedFd> {
+    let mut cur = base.try_clone()?;
+    for comp in rel.split('/') {
+        match mkdirat(&cur, comp, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY;
+        let next = match open_beneath(&cur, comp, flags, Mode::empty()) {
+            Err(e) if in_the_way(&e) => {
+                unlinkat(&cur, comp, UnlinkatFlags::NoRemoveDir)?;
+                mkdirat(&cur, comp, Mode::from_bits_truncate(0o755))?;
+                open_beneath(&cur, comp, flags, Mode::empty())?
+            }
+            r => r?,
+        };
+        cur = next.into();
+    }
+    Ok(cur)
+}
+
+/// Creates (or truncates) file `name` in directory `parent`; a symlink of that name is
+/// replaced, never followed.
+fn create_beneath(parent: &OwnedFd, name: &str) -> io::Result<File> {
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC;
+    let mode = Mode::from_bits_truncate(0o644);
+    match open_beneath(parent, name, flags, mode) {
+        Err(e) if in_the_way(&e) => {
+            unlinkat(parent, name, UnlinkatFlags::NoRemoveDir)?;
+            open_beneath(parent, name, flags, mode)
+        }
+        r => r,
+    }
 }
 
 fn walk(
@@ -175,10 +261,13 @@ pub fn sync_back(
     walk(dir, "", &mut files, &mut dirs)?;
     let mut report = SyncReport::default();
     let mut changed = Vec::new();
+    let base = open_dir(dir).map_err(io_at(dir))?;
     for rel in &files {
         let mut local = dir.to_owned();
         local.extend(rel.split('/'));
-        let mut f = File::open(&local).map_err(io_at(&local))?;
+        // Read as root from a tree the kernel wrote: never through a symlink.
+        let mut f =
+            open_beneath(&base, rel, OFlag::O_RDONLY, Mode::empty()).map_err(io_at(&local))?;
         let hash = hash_file(&mut f).map_err(io_at(&local))?;
         if manifest.files.get(rel) == Some(&hash) {
             report.unchanged += 1;

@@ -81,3 +81,44 @@ fn copy_refuses_an_oversized_listing() {
     let err = copy_tree(&backing, FileRoot::Notebook, dest.path(), 3, 4096).unwrap_err();
     assert!(matches!(err, CopyError::Listing(_)), "{err:?}");
 }
+
+/// A tree copied again over what a kernel left there (an agent restarted beside a running
+/// kernel): symlinks planted where the server has a file or a directory are replaced,
+/// never followed, so the copy (made as root) writes nothing outside the tree; and
+/// sync-back does not read through one.
+#[test]
+fn planted_symlinks_are_replaced_not_followed() {
+    let backing_dir = tempfile::tempdir().unwrap();
+    let b = backing_dir.path();
+    fs::create_dir_all(b.join("sub")).unwrap();
+    fs::write(b.join("a.csv"), "from the server").unwrap();
+    fs::write(b.join("sub/b.txt"), "nested").unwrap();
+    let backing = LocalDir::new().with_tree(FileRoot::Notebook, b, true);
+
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    fs::write(&victim, "precious").unwrap();
+    let copy_dir = tempfile::tempdir().unwrap();
+    let c = copy_dir.path().join("files");
+    fs::create_dir_all(&c).unwrap();
+    std::os::unix::fs::symlink(&victim, c.join("a.csv")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), c.join("sub")).unwrap();
+
+    let manifest = copy_tree(&backing, FileRoot::Notebook, &c, 1000, 4096).unwrap();
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(!outside.path().join("b.txt").exists());
+    for (rel, want) in [("a.csv", "from the server"), ("sub/b.txt", "nested")] {
+        let meta = fs::symlink_metadata(c.join(rel)).unwrap();
+        assert!(meta.is_file(), "{rel} is a regular file now");
+        assert_eq!(fs::read_to_string(c.join(rel)).unwrap(), want);
+    }
+    assert!(fs::symlink_metadata(c.join("sub")).unwrap().is_dir());
+
+    // A link to a secret added later is neither uploaded nor read.
+    let secret = outside.path().join("key");
+    fs::write(&secret, "agent key").unwrap();
+    std::os::unix::fs::symlink(&secret, c.join("key.txt")).unwrap();
+    let report = sync_back(&backing, &manifest, &c).unwrap();
+    assert!(report.uploaded.is_empty(), "{report:?}");
+    assert!(!b.join("key.txt").exists());
+}
