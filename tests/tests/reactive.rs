@@ -1037,3 +1037,64 @@ async fn a_500_mb_kernel_is_restored() {
         rerun_time.as_secs_f64()
     );
 }
+
+/// 10. Resume later: the kernel dies (as after an out-of-memory kill) and the notebook
+///     resumes from its last checkpoint instead of from the top: a run from the next cell
+///     restores the dead kernel's last state and the next cell sees its variables,
+///     without re-running the cells before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_kernel_resumes_from_its_last_checkpoint() {
+    if skip(
+        "a_dead_kernel_resumes_from_its_last_checkpoint",
+        missing_checkpoint_prerequisite(),
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let nb = ready(Setup::default()).await;
+    let cells = vec![
+        cell(
+            "r0",
+            "import random\nseed = random.random()\nprint(repr(seed))",
+        ),
+        cell("r1", "runs = globals().get('runs', 0) + 1"),
+        cell("r2", "print(repr(seed), runs)"),
+    ];
+    let first = nb.run_cells("first", &cells[..2]).await;
+    all_ok(&nb, "first run", &first);
+    let seed = stdout_of(&first[0]);
+    let r1 = nb.wait_checkpoint_of("r1", 0).await;
+    assert_eq!(r1.event, CheckpointEvent::Created, "{r1:?}");
+
+    let pid = nb.record().expect("kernel record").pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    nb.wait_for("kernel_died", Duration::from_secs(30), |m| {
+        (!m.is_empty()).then_some(())
+    })
+    .await;
+
+    let since = nb.checkpoints().await.len();
+    let resumed = nb.run_from("resume", &cells, 2).await;
+    all_ok(&nb, "resume", &resumed);
+    assert_eq!(
+        resumed.iter().map(index_of).collect::<Vec<_>>(),
+        [2],
+        "only the cell after the checkpoint runs"
+    );
+    // The same random seed and one run of r1: the state is the dead kernel's, restored,
+    // not a re-execution (which would draw another seed).
+    assert_eq!(stdout_of(&resumed[0]), format!("{} 1\n", seed.trim_end()));
+    let restored = events(&nb.checkpoints().await, since, CheckpointEvent::Restored);
+    assert_eq!(
+        restored
+            .iter()
+            .map(|c| c.checkpoint.as_str())
+            .collect::<Vec<_>>(),
+        [r1.checkpoint.as_str()],
+        "the last checkpoint of the dead kernel was not the one restored"
+    );
+}
