@@ -28,7 +28,7 @@ use crate::sender::Shared;
 /// 1 MiB: a `file_listing` carries the whole tree in its header (~150 bytes an entry,
 /// so a 10,000-file tree is ~1.5 MB and the 100,000 entries fusefs accepts ~15 MB).
 pub const FROM_SERVER: Limits = Limits {
-    max_header: 16 << 20,
+    max_header: nbagent_protocol::codec::SERVER_MAX_HEADER,
     max_payload: nbagent_protocol::codec::DEFAULT_MAX_PAYLOAD,
 };
 

@@ -25,6 +25,11 @@ pub const PREFIX_LEN: usize = 8;
 /// Default maximum header size (1 MiB).
 pub const DEFAULT_MAX_HEADER: u32 = 1 << 20;
 
+/// Maximum header of a frame from the server to an agent (16 MiB): a `file_listing`
+/// carries a whole tree in its header (~150 bytes an entry). Agents accept this much;
+/// a server must not send more (it answers with an error listing instead).
+pub const SERVER_MAX_HEADER: u32 = 16 << 20;
+
 /// Default maximum payload size (16 MiB).
 pub const DEFAULT_MAX_PAYLOAD: u32 = 16 << 20;
 

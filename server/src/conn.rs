@@ -139,6 +139,39 @@ where
     }
 }
 
+/// A listing whose frame header an agent would refuse (over
+/// [`nbagent_protocol::codec::SERVER_MAX_HEADER`], which would cut the connection at every
+/// re-listing) becomes an error listing that says why and what to do.
+fn fit_listing(msg: Message) -> Message {
+    let Message::FileListing {
+        request, entries, ..
+    } = &msg
+    else {
+        return msg;
+    };
+    let limit = nbagent_protocol::codec::SERVER_MAX_HEADER as usize;
+    // The envelope adds a sequence number and a few bytes of framing: keep 4 KiB spare.
+    let size = serde_json::to_vec(&msg).map_or(usize::MAX, |v| v.len());
+    if size + 4096 <= limit {
+        return msg;
+    }
+    warn!(
+        entries = entries.len(),
+        bytes = size,
+        "file listing too large for an agent"
+    );
+    Message::FileListing {
+        request: *request,
+        writable: false,
+        entries: Vec::new(),
+        error: Some(format!(
+            "the tree has {} entries, a {size}-byte listing, over the {limit} bytes an agent \
+             accepts; remove files or split them into fewer, larger archives",
+            entries.len()
+        )),
+    }
+}
+
 async fn send<W: AsyncWrite + Unpin>(wr: &mut W, msg: Message) -> Result<(), ConnError> {
     write_frame(wr, &Frame::control(msg)).await?;
     wr.flush().await.map_err(IoError::from)?;
@@ -1021,7 +1054,7 @@ async fn control<W: AsyncWrite + Unpin>(
                     }
                 }
             };
-            send(wr, msg).await
+            send(wr, fit_listing(msg)).await
         }
         Message::RenewCertificate { csr_pem } => {
             let issued = state.ca.read().await.sign_agent_csr(
@@ -1062,6 +1095,50 @@ async fn control<W: AsyncWrite + Unpin>(
         other => {
             debug!(%agent, kind = other.kind(), "control message not handled yet");
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbagent_protocol::{FileEntry, FileKind};
+
+    fn listing(n: usize) -> Message {
+        let entries = (0..n)
+            .map(|i| FileEntry {
+                path: format!("data/part-{i:08}/{}", "x".repeat(100)),
+                kind: FileKind::File,
+                size: 1,
+                mtime_ms: 0,
+                version: "0".repeat(64),
+            })
+            .collect();
+        Message::FileListing {
+            request: 7,
+            writable: true,
+            entries,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_listing_an_agent_would_refuse_becomes_an_error() {
+        let small = listing(10);
+        assert_eq!(fit_listing(small.clone()), small);
+        // ~260 bytes an entry: 80,000 entries are ~20 MB, over the 16 MiB limit.
+        match fit_listing(listing(80_000)) {
+            Message::FileListing {
+                request,
+                entries,
+                error: Some(e),
+                writable,
+            } => {
+                assert_eq!(request, 7);
+                assert!(entries.is_empty() && !writable);
+                assert!(e.contains("80000 entries") && e.contains("over the"), "{e}");
+            }
+            other => panic!("not an error listing: {other:?}"),
         }
     }
 }
