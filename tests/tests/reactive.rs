@@ -14,7 +14,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use nbagent_protocol::{CellSource, CellStatus, CheckpointEvent};
+use nbagent_protocol::{CellSource, CellStatus, CheckpointEvent, OutputContent};
 use nbagent_tests::kernel::{
     CheckpointReport, KERNEL_USER, Notebook, Setup, missing_checkpoint_prerequisite,
     missing_prerequisite, stdout_of,
@@ -80,6 +80,28 @@ fn events(all: &[CheckpointReport], since: usize, event: CheckpointEvent) -> Vec
         .collect()
 }
 
+/// `outputs` with consecutive stream texts of one stream joined: the kernel flushes
+/// stdout when it likes, so one `print` may arrive in one message or in two.
+fn joined_streams(outputs: &[OutputContent]) -> Vec<OutputContent> {
+    let mut out: Vec<OutputContent> = Vec::with_capacity(outputs.len());
+    for o in outputs {
+        if let (
+            Some(OutputContent::Stream {
+                name: prev,
+                text: acc,
+            }),
+            OutputContent::Stream { name, text },
+        ) = (out.last_mut(), o)
+            && prev == name
+        {
+            acc.push_str(text);
+            continue;
+        }
+        out.push(o.clone());
+    }
+    out
+}
+
 /// Asserts that the cells a re-run executed produced what the same cells produced in
 /// the run from the top (`top` holds every cell).
 fn same_as_top(rerun: &[CellResult], top: &[CellResult]) {
@@ -88,7 +110,8 @@ fn same_as_top(rerun: &[CellResult], top: &[CellResult]) {
         assert_eq!(r.cell, t.cell);
         assert_eq!(r.status, t.status, "cell {}", r.cell);
         assert_eq!(
-            r.outputs, t.outputs,
+            joined_streams(&r.outputs),
+            joined_streams(&t.outputs),
             "cell {} differs between the re-run and the run from the top",
             r.cell
         );
