@@ -3,6 +3,20 @@
 //! a bare rustls connection (same provider, same cipher suite) as the ceiling.
 //!
 //! `cargo run --release -p nbagent-tests --bin bench-channel [-- --blob-mb 256 --outputs 50000]`
+//!
+//! Measured here (2 vCPUs, ext4 on a virtual disk, quiet machine, 2026-12-03):
+//!
+//! ```text
+//! measure                                             durable   crash-safe     baseline   ratio
+//! outputs/s (flood, append -> commit -> ack)           177983       188619            -       -
+//! output latency p50 (append -> acked commit)         0.26 ms      0.28 ms            -       -
+//! output latency p99 (target <= 5 ms)                 2.06 ms      0.77 ms            -       -
+//! blob upload, 256 MiB (baseline: bare rustls)       299 MB/s     385 MB/s    1411 MB/s     27%
+//! blob upload vs its work floor                                   385 MB/s     595 MB/s     65%
+//! ```
+//!
+//! The 80% target against bare TLS is out of reach on two cores: the work floor (two
+//! file writes, one SHA-256, the TLS transfer, one after the other) is itself 42% of it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
