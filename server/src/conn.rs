@@ -634,8 +634,14 @@ where
                             match files::namespace_change(&agent, msg) {
                                 Some(Ok(change)) => file_changes.push((seq, change)),
                                 Some(Err(e)) => {
-                                    refuse_file_change(&mut wr, &agent, msg.kind(), e.to_string())
-                                        .await?;
+                                    refuse_file_op(
+                                        &mut wr,
+                                        &agent,
+                                        ErrorCode::FileRefused,
+                                        msg.kind(),
+                                        e.to_string(),
+                                    )
+                                    .await?;
                                 }
                                 None => {}
                             }
@@ -918,44 +924,37 @@ struct FileChunk {
     payload: bytes::Bytes,
 }
 
-/// Tells the agent (non-fatally) why an upload was not kept; the message itself is
-/// stored and acknowledged like any other (resending would not help).
-async fn refuse_upload<W: AsyncWrite + Unpin>(
+/// Tells the agent (non-fatally) why a file upload or a namespace change (mkdir,
+/// remove, rename) was not applied; the message itself is stored and acknowledged like
+/// any other (resending would not help).
+async fn refuse_file_op<W: AsyncWrite + Unpin>(
     wr: &mut W,
     agent: &str,
-    path: &str,
+    code: ErrorCode,
+    what: &str,
     why: String,
 ) -> Result<(), ConnError> {
-    warn!(%agent, %path, reason = %why, "file upload refused");
+    warn!(%agent, %what, reason = %why, "file operation refused");
     send(
         wr,
         Message::Error {
-            code: ErrorCode::BlobMismatch,
-            message: format!("upload of {path:?} refused: {why}"),
+            code,
+            message: format!("{what} refused: {why}"),
             fatal: false,
         },
     )
     .await
 }
 
-/// Tells the agent (non-fatally) why a namespace change (mkdir, remove, rename) was not
-/// applied; the message is stored and acknowledged like any other.
-async fn refuse_file_change<W: AsyncWrite + Unpin>(
+/// [`refuse_file_op`] for an upload of `path`.
+async fn refuse_upload<W: AsyncWrite + Unpin>(
     wr: &mut W,
     agent: &str,
-    kind: &str,
+    path: &str,
     why: String,
 ) -> Result<(), ConnError> {
-    warn!(%agent, %kind, reason = %why, "file change refused");
-    send(
-        wr,
-        Message::Error {
-            code: ErrorCode::FileRefused,
-            message: format!("{kind} refused: {why}"),
-            fatal: false,
-        },
-    )
-    .await
+    let what = format!("upload of {path:?}");
+    refuse_file_op(wr, agent, ErrorCode::BlobMismatch, &what, why).await
 }
 
 /// Writes a batch's file chunks to the blob store (like blob chunks: idempotent,
