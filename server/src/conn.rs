@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbagent_protocol::io::{FrameReader, IoError, write_frame};
+use nbagent_protocol::io::{FrameReader, IoError, write_frame, write_raw};
 use nbagent_protocol::{
-    ErrorCode, FileRoot, Frame, Limits, Message, RawFrame, Receipt, SUPPORTED, ServerEvent,
-    ServerSession, SessionError,
+    Envelope, ErrorCode, FileRoot, Frame, Limits, Message, RawFrame, Receipt, SUPPORTED,
+    ServerEvent, ServerSession, SessionError,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
@@ -139,29 +139,37 @@ where
     }
 }
 
-/// A listing whose frame header an agent would refuse (over
-/// [`nbagent_protocol::codec::SERVER_MAX_HEADER`], which would cut the connection at every
-/// re-listing) becomes an error listing that says why and what to do.
-fn fit_listing(msg: Message) -> Message {
-    let Message::FileListing {
-        request, entries, ..
-    } = &msg
-    else {
-        return msg;
-    };
+/// The frame of a listing, encoded once. A listing whose header an agent would refuse
+/// (over [`nbagent_protocol::codec::SERVER_MAX_HEADER`], which would cut the connection
+/// at every re-listing) becomes an error listing that says why and what to do.
+fn listing_frame(msg: Message) -> RawFrame {
+    let raw = Frame::control(msg).to_raw();
     let limit = nbagent_protocol::codec::SERVER_MAX_HEADER as usize;
-    // The envelope adds a sequence number and a few bytes of framing: keep 4 KiB spare.
-    let size = serde_json::to_vec(&msg).map_or(usize::MAX, |v| v.len());
-    if size + 4096 <= limit {
-        return msg;
+    if raw.header.len() <= limit {
+        return raw;
     }
+    let Ok(Frame {
+        envelope:
+            Envelope {
+                msg:
+                    Message::FileListing {
+                        request, entries, ..
+                    },
+                ..
+            },
+        ..
+    }) = raw.parse()
+    else {
+        return raw;
+    };
+    let size = raw.header.len();
     warn!(
         entries = entries.len(),
         bytes = size,
         "file listing too large for an agent"
     );
-    Message::FileListing {
-        request: *request,
+    Frame::control(Message::FileListing {
+        request,
         writable: false,
         entries: Vec::new(),
         error: Some(format!(
@@ -169,7 +177,8 @@ fn fit_listing(msg: Message) -> Message {
              accepts; remove files or split them into fewer, larger archives",
             entries.len()
         )),
-    }
+    })
+    .to_raw()
 }
 
 async fn send<W: AsyncWrite + Unpin>(wr: &mut W, msg: Message) -> Result<(), ConnError> {
@@ -1053,7 +1062,9 @@ async fn control<W: AsyncWrite + Unpin>(
                     }
                 }
             };
-            send(wr, fit_listing(msg)).await
+            write_raw(wr, &listing_frame(msg)).await?;
+            wr.flush().await.map_err(IoError::from)?;
+            Ok(())
         }
         Message::RenewCertificate { csr_pem } => {
             let issued = state.ca.read().await.sign_agent_csr(
@@ -1124,9 +1135,10 @@ mod tests {
     #[test]
     fn a_listing_an_agent_would_refuse_becomes_an_error() {
         let small = listing(10);
-        assert_eq!(fit_listing(small.clone()), small);
+        let parsed = |raw: RawFrame| raw.parse().unwrap().envelope.msg;
+        assert_eq!(parsed(listing_frame(small.clone())), small);
         // ~260 bytes an entry: 80,000 entries are ~20 MB, over the 16 MiB limit.
-        match fit_listing(listing(80_000)) {
+        match parsed(listing_frame(listing(80_000))) {
             Message::FileListing {
                 request,
                 entries,
