@@ -20,14 +20,12 @@
 //!   its log and in an `output_gap` notice.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use nbagent_fusefs::backing::hash_file;
 use nbagent_fusefs::copy::{CopyError, Manifest, copy_tree, sync_back};
 use nbagent_fusefs::{
     Backing, BackingError, BackingRequest, ChannelBacking, Fs, FsConfig, Listing, MountOptions,
@@ -326,11 +324,12 @@ async fn answer(
             path,
             base_version,
             staged,
+            version,
             reply,
         } => {
             let r = match root {
                 FileRoot::Workspace => Err(BackingError::ReadOnly),
-                _ => upload(sender, root, &path, &base_version, &staged).await,
+                _ => upload(sender, root, &path, &base_version, &staged, &version).await,
             };
             if let Ok((seq, entry)) = &r {
                 lock(pending).record(*seq, root, Change::Put(entry.clone()));
@@ -532,36 +531,44 @@ async fn read(
     Ok(out)
 }
 
-/// Snapshots `staged` (the kernel may go on writing it through passthrough), hashes the
-/// snapshot and appends it to the outbox as `file_chunk` messages. Returns the last
-/// chunk's sequence number and the entry the server will list.
+/// Appends `staged` (unchanged from now on, of SHA-256 `version`) to the outbox as
+/// `file_chunk` messages whose payloads stay in the file ([`Sender::send_file`]: the
+/// outbox links it, no copy). Returns the last chunk's sequence number and the entry
+/// the server will list.
 async fn upload(
     sender: &Sender,
     root: FileRoot,
     path: &str,
     base_version: &str,
     staged: &Path,
+    version: &str,
 ) -> Result<(u64, FileEntry), BackingError> {
-    let io_err = |source| BackingError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let staged = staged.to_owned();
-    let snapshot = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-        let snap = staged.with_extension("upload");
-        std::fs::copy(&staged, &snap)?;
-        let mut f = std::fs::File::open(&snap)?;
-        let version = hash_file(&mut f)?;
-        let size = f.metadata()?.len();
-        Ok((snap, version, size))
-    })
-    .await
-    .map_err(|e| io_err(std::io::Error::other(e)))?
-    .map_err(io_err)?;
-    let (snap, version, size) = snapshot;
-    let sent = send_chunks(sender, root, path, base_version, &snap, &version, size).await;
-    let _ = std::fs::remove_file(&snap);
-    let seq = sent?;
+    let size = std::fs::metadata(staged)
+        .map_err(|source| BackingError::Io {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    let parts: Vec<(Message, u64, u32)> = chunk_ranges(size)
+        .map(|(offset, len)| {
+            let msg = Message::FileChunk {
+                root,
+                path: path.to_owned(),
+                base_version: base_version.to_owned(),
+                offset,
+                total: size,
+                version: version.to_owned(),
+            };
+            (msg, offset, len)
+        })
+        .collect();
+    let seq = sender
+        .send_file(staged, &parts)
+        .await
+        .map_err(|e| BackingError::Remote {
+            op: "upload",
+            reason: format!("outbox refused the file: {e}"),
+        })?;
     info!(?root, %path, %version, size, "file queued for upload");
     Ok((
         seq,
@@ -570,57 +577,19 @@ async fn upload(
             kind: FileKind::File,
             size,
             mtime_ms: now_ms(),
-            version,
+            version: version.to_owned(),
         },
     ))
 }
 
-async fn send_chunks(
-    sender: &Sender,
-    root: FileRoot,
-    path: &str,
-    base_version: &str,
-    snap: &Path,
-    version: &str,
-    size: u64,
-) -> Result<u64, BackingError> {
-    let io_err = |source| BackingError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = std::fs::File::open(snap).map_err(io_err)?;
-    let mut offset = 0u64;
-    loop {
-        let mut buf = vec![0u8; CHUNK];
-        let mut n = 0;
-        while n < buf.len() {
-            let r = file.read(&mut buf[n..]).map_err(io_err)?;
-            if r == 0 {
-                break;
-            }
-            n += r;
-        }
-        buf.truncate(n);
-        let msg = Message::FileChunk {
-            root,
-            path: path.to_owned(),
-            base_version: base_version.to_owned(),
-            offset,
-            total: size,
-            version: version.to_owned(),
-        };
-        let seq = sender
-            .send(&msg, &Bytes::from(buf))
-            .await
-            .map_err(|e| BackingError::Remote {
-                op: "upload",
-                reason: format!("outbox refused the chunk: {e}"),
-            })?;
-        offset += n as u64;
-        if offset >= size {
-            return Ok(seq);
-        }
-    }
+/// The `[offset, offset + len)` ranges of the chunks of a file of `size` bytes: one
+/// empty chunk for an empty file.
+fn chunk_ranges(size: u64) -> impl Iterator<Item = (u64, u32)> {
+    let n = size.div_ceil(CHUNK as u64).max(1);
+    (0..n).map(move |i| {
+        let offset = i * CHUNK as u64;
+        (offset, (size - offset).min(CHUNK as u64) as u32)
+    })
 }
 
 fn now_ms() -> i64 {
@@ -633,7 +602,12 @@ fn now_ms() -> i64 {
 #[derive(Debug)]
 enum Tree {
     Mounted(Mounted),
-    Copied { manifest: Manifest, dir: PathBuf },
+    Copied {
+        manifest: Manifest,
+        dir: PathBuf,
+        /// Private directory the changed files are copied to before upload.
+        scratch: PathBuf,
+    },
 }
 
 /// The attached files while the kernel runs; [`AttachedFiles::detach`] at shutdown.
@@ -747,6 +721,7 @@ impl AttachedFiles {
                     files.trees.push(Tree::Copied {
                         manifest,
                         dir: dir.clone(),
+                        scratch: config.work_dir.join("sync"),
                     });
                 }
                 Err(e) => {
@@ -856,11 +831,15 @@ impl AttachedFiles {
                         .map(|()| format!("unmounted {at}"))
                         .map_err(|e| format!("unmount of {at} failed: {e}"))
                 }
-                Tree::Copied { manifest, dir } => {
+                Tree::Copied {
+                    manifest,
+                    dir,
+                    scratch,
+                } => {
                     if !manifest.writable {
                         return Ok(format!("{} is read-only; nothing to sync", dir.display()));
                     }
-                    sync_back(&*backing, &manifest, &dir)
+                    sync_back(&*backing, &manifest, &dir, &scratch)
                         .map(|r| {
                             format!(
                                 "synced {}: {} uploaded, {} unchanged",
@@ -969,11 +948,12 @@ mod tests {
         let staged = dir.path().join("staged");
         let content: Vec<u8> = (0..CHUNK + CHUNK / 2).map(|i| i as u8).collect();
         std::fs::write(&staged, &content).unwrap();
+        let hash = nbagent_fusefs::backing::hash_bytes(&content);
         let b = backing.clone();
         let (listed, version, listed_again, read) = tokio::task::spawn_blocking(move || {
             let listed = b.list(FileRoot::Notebook).unwrap();
             let version = b
-                .upload(FileRoot::Notebook, "a.csv", "old", &staged)
+                .upload(FileRoot::Notebook, "a.csv", "old", &staged, &hash)
                 .unwrap();
             let again = b.list(FileRoot::Notebook).unwrap();
             let read = b.read(FileRoot::Notebook, "gone.csv", "v", 0, 10);
@@ -986,6 +966,18 @@ mod tests {
         // Two chunks in the outbox, and the listing shows the upload, not the server's
         // older version, until the server acknowledges it.
         assert_eq!(shared.outbox().pending_count(), 2);
+        // The chunks are sent with the file's bytes, in order.
+        let frames = shared.outbox().frames_after(0, usize::MAX).unwrap();
+        let mut sent = Vec::new();
+        for (_, frame) in &frames {
+            let mut buf = bytes::BytesMut::from(&frame[..]);
+            let f = nbagent_protocol::codec::FrameDecoder::new(Default::default())
+                .decode(&mut buf)
+                .unwrap()
+                .unwrap();
+            sent.extend_from_slice(&f.payload);
+        }
+        assert_eq!(sent, content);
         assert_eq!(listed_again.entries.len(), 1);
         assert_eq!(listed_again.entries[0].version, version);
         assert_eq!(listed_again.entries[0].size, content.len() as u64);

@@ -26,6 +26,15 @@
 //!   [`Outbox::sync`] and on drop. An outdated watermark after a crash only causes
 //!   resends, which the server deduplicates.
 //!
+//! - **Files without copies.** [`Outbox::append_attached`] appends a run of messages
+//!   whose payloads are consecutive ranges of one local file (the chunks of an
+//!   uploaded file) without copying the file: it becomes an *attachment*, a hard link
+//!   in the outbox directory (a copy only where linking fails), and the records hold a
+//!   reference instead of the payload. The caller must not change the file afterwards
+//!   (linking shares its content). An attachment is deleted once all its records are
+//!   acked; its bytes are not counted against [`OutboxConfig::max_bytes`] (they are
+//!   the file's own, which exist anyway).
+//!
 //! # Layout
 //!
 //! ```text
@@ -33,12 +42,15 @@
 //! <dir>/acked                      acked watermark (decimal), written lazily
 //! <dir>/lock                       flock(2) held while open: one writer only
 //! <dir>/seg-<first seq:020>.log    segments of records, each up to segment_bytes
+//! <dir>/att-<first seq:020>        attachment whose first record has that number
+//! <dir>/att-tmp-<random>           attachment being prepared (no record yet)
 //! ```
 //!
 //! Each record is `[u32 frame_len][u32 crc32][u64 seq][frame]`, where `frame` is
 //! exactly the wire frame (`nbagent_protocol::codec::encode_raw` of the JSON
 //! `Envelope { seq, msg }` and the payload), so a resend writes the stored bytes to the
-//! socket without re-encoding. Records of one segment have consecutive sequence numbers
+//! socket without re-encoding (an attached record is read back with its payload from
+//! its attachment, see [`record`]). Records of one segment have consecutive sequence numbers
 //! starting at the one in its name; the segment name thus also remembers the numbering
 //! when the segment is empty. The last segment is never deleted, so the last assigned
 //! number always survives on disk.
@@ -81,6 +93,8 @@ const ACKED_FILE: &str = "acked";
 const LOCK_FILE: &str = "lock";
 const SEG_PREFIX: &str = "seg-";
 const SEG_SUFFIX: &str = ".log";
+const ATT_PREFIX: &str = "att-";
+const ATT_TMP_PREFIX: &str = "att-tmp-";
 
 /// When the outbox calls `fsync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -199,6 +213,16 @@ pub enum OutboxError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// Parts of an attached append lie outside its file.
+    #[error("attached payload at {offset}+{len} lies outside the {file_len}-byte file")]
+    OutsideAttachment {
+        /// Offset of the part.
+        offset: u64,
+        /// Its length.
+        len: u32,
+        /// Length of the file.
+        file_len: u64,
+    },
     /// Sequence numbers are exhausted (only after an absurd `Welcome`).
     #[error("outbox sequence numbers are exhausted")]
     SequenceExhausted,
@@ -226,6 +250,9 @@ struct Segment {
     starts: Vec<u64>,
     /// Bytes of valid records.
     len: u64,
+    /// Attached records found when the segment was scanned: (seq, attachment, end of
+    /// the payload in it).
+    refs: Vec<(u64, u64, u64)>,
 }
 
 impl Segment {
@@ -235,6 +262,7 @@ impl Segment {
             path: segment_path(dir, first),
             starts: Vec::new(),
             len: 0,
+            refs: Vec::new(),
         }
     }
 
@@ -259,6 +287,99 @@ fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{SEG_PREFIX}{first:020}{SEG_SUFFIX}"))
 }
 
+fn attachment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{ATT_PREFIX}{id:020}"))
+}
+
+fn parse_attachment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(ATT_PREFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// A file made ready to become an attachment ([`Outbox::prepare_attachment`]), outside
+/// the outbox lock: linked (or copied) into the outbox directory under a temporary
+/// name, and synced when the policy asks for it. Removed on drop unless appended.
+#[derive(Debug)]
+pub struct Attachment {
+    path: PathBuf,
+    len: u64,
+    appended: bool,
+}
+
+impl Attachment {
+    /// Length of the file.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if !self.appended {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What [`Outbox::prepare_attachment`] needs, taken from the outbox under its lock.
+#[derive(Debug, Clone)]
+pub struct AttachmentStager {
+    dir: PathBuf,
+    durable: bool,
+}
+
+impl AttachmentStager {
+    /// Links `src` into the outbox directory (copies it where linking fails, e.g.
+    /// across filesystems) and syncs it when the fsync policy is not `Never`.
+    pub fn prepare(&self, src: &Path) -> Result<Attachment, OutboxError> {
+        let path = self
+            .dir
+            .join(format!("{ATT_TMP_PREFIX}{:016x}", rand::random::<u64>()));
+        if let Err(e) = fs::hard_link(src, &path) {
+            tracing::debug!(src = %src.display(), error = %e, "cannot link an attachment; copying it");
+            fs::copy(src, &path).map_err(io_err("copying", src))?;
+        }
+        let mut att = Attachment {
+            path,
+            len: 0,
+            appended: false,
+        };
+        let file = File::open(&att.path).map_err(io_err("opening", &att.path))?;
+        att.len = file.metadata().map_err(io_err("reading", &att.path))?.len();
+        if self.durable {
+            file.sync_all().map_err(io_err("syncing", &att.path))?;
+        }
+        Ok(att)
+    }
+}
+
+/// A record as stored: its body (the wire frame, or for an attached record the frame's
+/// head and the reference) and whether it is attached.
+#[derive(Debug, Clone)]
+struct Stored {
+    body: Bytes,
+    attached: bool,
+}
+
+impl Stored {
+    /// Length of the frame on the wire.
+    fn wire_len(&self) -> usize {
+        if self.attached {
+            record::attached(&self.body).map_or(self.body.len(), |r| r.head.len() + r.payload_len)
+        } else {
+            self.body.len()
+        }
+    }
+}
+
 fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_prefix(SEG_PREFIX)?.strip_suffix(SEG_SUFFIX)?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -277,8 +398,10 @@ pub struct Outbox {
     segments: VecDeque<Segment>,
     /// Append handle of the last segment, opened lazily.
     active: Option<File>,
-    /// The most recent unacked frames, a suffix of the pending records.
-    cache: VecDeque<(u64, Bytes)>,
+    /// The most recent unacked records, a suffix of the pending records.
+    cache: VecDeque<(u64, Stored)>,
+    /// Attachments still needed: id (its first record's number) -> its last record.
+    attachments: std::collections::BTreeMap<u64, u64>,
     cache_bytes: usize,
     pending_bytes: u64,
     /// Watermark last written to `<dir>/acked`.
@@ -324,6 +447,8 @@ impl Outbox {
                 remove_segment(&seg)?;
             }
         }
+        let attachments = recover_attachments(&dir, &mut segments, acked)?;
+        let last = acked.max(segments.back().map_or(0, Segment::end));
         let mut outbox = Outbox {
             stream_id,
             _lock: lock,
@@ -331,6 +456,7 @@ impl Outbox {
             segments,
             active: None,
             cache: VecDeque::new(),
+            attachments,
             cache_bytes: 0,
             pending_bytes: 0,
             persisted_acked: watermark,
@@ -439,8 +565,150 @@ impl Outbox {
         }
 
         let frame = rec.split_off(record::HEADER_LEN);
-        self.cache_push(seq, frame);
+        self.cache_push(
+            seq,
+            Stored {
+                body: frame,
+                attached: false,
+            },
+        );
         Ok(seq)
+    }
+
+    /// What [`AttachmentStager::prepare`] needs; call it under the outbox's lock and
+    /// prepare the attachment without it.
+    pub fn attachment_stager(&self) -> AttachmentStager {
+        AttachmentStager {
+            dir: self.config.dir.clone(),
+            durable: self.config.fsync != FsyncPolicy::Never,
+        }
+    }
+
+    /// Appends one sequenced message per part, each with the payload `len` bytes at
+    /// `offset` of the attachment (see the module documentation); returns the last
+    /// sequence number. All or none are appended: [`OutboxError::Full`] and the other
+    /// errors of [`append`](Self::append) leave the outbox and `att` as they were, so
+    /// the call can be retried.
+    pub fn append_attached(
+        &mut self,
+        att: &mut Attachment,
+        parts: &[(Message, u64, u32)],
+    ) -> Result<u64, OutboxError> {
+        if self.poisoned {
+            return Err(OutboxError::Poisoned);
+        }
+        let last_assigned = self.window.last_assigned();
+        let first = last_assigned
+            .checked_add(1)
+            .filter(|f| {
+                f.checked_add(parts.len() as u64)
+                    .is_some_and(|e| e <= MAX_SEQ)
+            })
+            .ok_or(OutboxError::SequenceExhausted)?;
+        self.buf.clear();
+        let mut lens = Vec::with_capacity(parts.len());
+        for (i, (msg, offset, len)) in parts.iter().enumerate() {
+            if !msg.is_sequenced() {
+                return Err(OutboxError::NotSequenced { kind: msg.kind() });
+            }
+            if offset
+                .checked_add(u64::from(*len))
+                .is_none_or(|end| end > att.len)
+            {
+                return Err(OutboxError::OutsideAttachment {
+                    offset: *offset,
+                    len: *len,
+                    file_len: att.len,
+                });
+            }
+            let seq = first + i as u64;
+            let header = record::encode_header(seq, msg).map_err(|source| OutboxError::Encode {
+                kind: msg.kind(),
+                source,
+            })?;
+            let len_before = self.buf.len();
+            record::encode_attached(seq, &header, *len, first, *offset, &mut self.buf);
+            lens.push((self.buf.len() - len_before) as u64);
+            if lens.last().is_some_and(|&l| l > record::MAX_BODY_LEN) {
+                return Err(OutboxError::RecordTooLarge {
+                    len: lens.last().copied().unwrap_or_default(),
+                    max_bytes: record::MAX_BODY_LEN,
+                });
+            }
+        }
+        let total: u64 = lens.iter().sum();
+        if total > self.config.max_bytes {
+            return Err(OutboxError::RecordTooLarge {
+                len: total,
+                max_bytes: self.config.max_bytes,
+            });
+        }
+        if self.pending_bytes + total > self.config.max_bytes {
+            return Err(OutboxError::Full {
+                pending_bytes: self.pending_bytes,
+                max_bytes: self.config.max_bytes,
+            });
+        }
+        if parts.is_empty() {
+            return Ok(last_assigned);
+        }
+        self.prepare_segment(first, total)?;
+        let final_path = attachment_path(&self.config.dir, first);
+        fs::rename(&att.path, &final_path).map_err(io_err("renaming", &att.path))?;
+        let recs = self.buf.split().freeze();
+        let (Some(seg), Some(file)) = (self.segments.back_mut(), self.active.as_mut()) else {
+            return Err(OutboxError::Poisoned);
+        };
+        if let Err(source) = file.write_all(&recs) {
+            if let Err(e) = file.set_len(seg.len) {
+                tracing::error!(path = %seg.path.display(), error = %e, "cannot remove partial outbox records");
+                self.poisoned = true;
+            }
+            if fs::rename(&final_path, &att.path).is_err() {
+                let _ = fs::remove_file(&final_path);
+            }
+            return Err(OutboxError::Io {
+                op: "appending to",
+                path: seg.path.clone(),
+                source,
+            });
+        }
+        let synced = if self.config.fsync == FsyncPolicy::EveryAppend {
+            file.sync_data()
+                .and_then(|()| File::open(&self.config.dir).and_then(|d| d.sync_all()))
+        } else {
+            Ok(())
+        };
+        att.appended = true;
+        for len in &lens {
+            seg.starts.push(seg.len);
+            seg.len += len;
+        }
+        let mut at = 0usize;
+        for len in lens.iter().map(|&l| l as usize) {
+            let seq = self.window.assign();
+            let body = recs.slice(at + record::HEADER_LEN..at + len);
+            at += len;
+            self.cache_push(
+                seq,
+                Stored {
+                    body,
+                    attached: true,
+                },
+            );
+        }
+        let last = self.window.last_assigned();
+        self.pending_bytes += total;
+        self.attachments.insert(first, last);
+        if let Err(source) = synced {
+            self.poisoned = true;
+            return Err(OutboxError::Io {
+                op: "syncing",
+                path: self.config.dir.clone(),
+                source,
+            });
+        }
+        Ok(last)
     }
 
     /// Makes sure the last segment can take a record of `len` bytes numbered `seq`:
@@ -481,18 +749,18 @@ impl Outbox {
         self.delete_acked_segments()
     }
 
-    fn cache_push(&mut self, seq: u64, frame: Bytes) {
-        if frame.len() > self.config.cache_bytes {
+    fn cache_push(&mut self, seq: u64, frame: Stored) {
+        if frame.body.len() > self.config.cache_bytes {
             // The cache must stay a contiguous suffix: start it again after this one.
             self.cache.clear();
             self.cache_bytes = 0;
             return;
         }
-        self.cache_bytes += frame.len();
+        self.cache_bytes += frame.body.len();
         self.cache.push_back((seq, frame));
         while self.cache_bytes > self.config.cache_bytes {
             if let Some((_, f)) = self.cache.pop_front() {
-                self.cache_bytes -= f.len();
+                self.cache_bytes -= f.body.len();
             }
         }
     }
@@ -514,12 +782,32 @@ impl Outbox {
             if *seq > acked {
                 break;
             }
-            self.cache_bytes -= f.len();
+            self.cache_bytes -= f.body.len();
             self.cache.pop_front();
         }
         self.pending_bytes = self.compute_pending_bytes();
         self.acks_since_persist += 1;
-        if self.acks_since_persist >= ACK_PERSIST_EVERY {
+        let done: Vec<u64> = self
+            .attachments
+            .iter()
+            .filter(|&(_, &last)| last <= acked)
+            .map(|(&id, _)| id)
+            .collect();
+        if !done.is_empty() {
+            // An attachment is deleted only once the watermark that makes its records
+            // unneeded is on disk: a reopened outbox must not find its records pending
+            // without it.
+            self.persist_watermark(self.config.fsync != FsyncPolicy::Never)?;
+            for id in done {
+                let path = attachment_path(&self.config.dir, id);
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("deleting", &path)(e)),
+                }
+                self.attachments.remove(&id);
+            }
+        } else if self.acks_since_persist >= ACK_PERSIST_EVERY {
             self.persist_watermark(false)?;
         }
         self.delete_acked_segments()?;
@@ -561,6 +849,9 @@ impl Outbox {
         while let Some(seg) = self.segments.pop_front() {
             remove_segment(&seg)?;
         }
+        for id in std::mem::take(&mut self.attachments).into_keys() {
+            let _ = fs::remove_file(attachment_path(&self.config.dir, id));
+        }
         self.pending_bytes = 0;
         Ok(released)
     }
@@ -594,46 +885,73 @@ impl Outbox {
         let mut next = after.max(self.window.acked()).saturating_add(1);
         let mut out = Vec::new();
         let mut total = 0usize;
-        let budget_left = |total: usize, n: usize, len: usize| n == 0 || total + len <= max_bytes;
+        // Takes one stored record into `out`; false once the budget is spent.
+        let mut take = |seq: u64, stored: &Stored, out: &mut Vec<(u64, Bytes)>| {
+            let len = stored.wire_len();
+            if !out.is_empty() && total + len > max_bytes {
+                return Ok(false);
+            }
+            total += len;
+            out.push((seq, self.wire_frame(stored)?));
+            Ok::<_, OutboxError>(true)
+        };
         while next <= last {
             let cache_front = self.cache.front().map_or(u64::MAX, |(s, _)| *s);
             if next >= cache_front {
                 let from = (next - cache_front) as usize;
-                for (seq, frame) in self.cache.iter().skip(from) {
-                    if !budget_left(total, out.len(), frame.len()) {
-                        return Ok(out);
+                for (seq, stored) in self.cache.iter().skip(from) {
+                    if !take(*seq, stored, &mut out)? {
+                        break;
                     }
-                    total += frame.len();
-                    out.push((*seq, frame.clone()));
                 }
                 return Ok(out);
             }
             let hi = last.min(cache_front - 1);
-            let got = self.read_disk(next, hi, max_bytes.saturating_sub(total), out.is_empty())?;
+            let budget = max_bytes.saturating_sub(out.iter().map(|(_, f)| f.len()).sum());
+            let got = self.read_disk(next, hi, budget, out.is_empty())?;
             if got.is_empty() {
                 return Ok(out);
             }
             next = got.last().map_or(next, |(s, _)| s + 1);
-            for (seq, frame) in got {
-                total += frame.len();
-                out.push((seq, frame));
-            }
-            if total >= max_bytes {
-                return Ok(out);
+            for (seq, stored) in &got {
+                if !take(*seq, stored, &mut out)? {
+                    return Ok(out);
+                }
             }
         }
         Ok(out)
     }
 
+    /// The wire frame of a stored record: the body itself, or for an attached record
+    /// its head followed by the payload read from the attachment.
+    fn wire_frame(&self, stored: &Stored) -> Result<Bytes, OutboxError> {
+        if !stored.attached {
+            return Ok(stored.body.clone());
+        }
+        let corrupt = |reason| OutboxError::Corrupt {
+            path: self.config.dir.clone(),
+            offset: 0,
+            reason,
+        };
+        let r = record::attached(&stored.body).ok_or_else(|| corrupt("bad attached record"))?;
+        let path = attachment_path(&self.config.dir, r.attachment);
+        let file = File::open(&path).map_err(io_err("opening", &path))?;
+        let mut frame = vec![0u8; r.head.len() + r.payload_len];
+        frame[..r.head.len()].copy_from_slice(&r.head);
+        file.read_exact_at(&mut frame[r.head.len()..], r.offset)
+            .map_err(io_err("reading", &path))?;
+        Ok(Bytes::from(frame))
+    }
+
     /// Reads records `lo..=hi` (at most to the end of `lo`'s segment) from disk, within
-    /// `budget` frame bytes (at least one record if `at_least_one`).
+    /// `budget` body bytes (at least one record if `at_least_one`).
     fn read_disk(
         &self,
         lo: u64,
         hi: u64,
         budget: usize,
         at_least_one: bool,
-    ) -> Result<Vec<(u64, Bytes)>, OutboxError> {
+    ) -> Result<Vec<(u64, Stored)>, OutboxError> {
         let Some(seg) = self
             .segments
             .iter()
@@ -676,7 +994,13 @@ impl Outbox {
             if head.seq != seq {
                 return Err(corrupt("unexpected sequence number"));
             }
-            out.push((seq, rec.slice(record::HEADER_LEN..)));
+            out.push((
+                seq,
+                Stored {
+                    body: rec.slice(record::HEADER_LEN..),
+                    attached: head.attached,
+                },
+            ));
         }
         Ok(out)
     }
@@ -686,8 +1010,8 @@ impl Outbox {
     /// Used to resume a workload after a restart.
     pub fn last(&self) -> Result<Option<(u64, RawFrame)>, OutboxError> {
         let last = self.window.last_assigned();
-        let frame = match self.cache.back() {
-            Some((seq, frame)) if *seq == last => frame.clone(),
+        let stored = match self.cache.back() {
+            Some((seq, stored)) if *seq == last => stored.clone(),
             _ => {
                 let Some(seg) = self.segments.iter().rev().find(|s| !s.starts.is_empty()) else {
                     return Ok(None);
@@ -696,11 +1020,12 @@ impl Outbox {
                     return Ok(None);
                 }
                 match self.read_disk(last, last, 0, true)?.pop() {
-                    Some((_, frame)) => frame,
+                    Some((_, stored)) => stored,
                     None => return Ok(None),
                 }
             }
         };
+        let frame = self.wire_frame(&stored)?;
         let raw = record::to_raw(&frame).ok_or_else(|| OutboxError::Corrupt {
             path: self.config.dir.clone(),
             offset: 0,
@@ -899,6 +1224,87 @@ fn read_watermark(dir: &Path) -> u64 {
     }
 }
 
+/// Checks that every attachment an unacked record needs is there, deletes the others
+/// (and any left half-prepared), and returns the needed ones (id -> last record).
+///
+/// A needed attachment that is missing or too short (only lost files cause that: an
+/// attachment is in place before its records are written) loses its records and all
+/// that follow, like a damaged tail.
+fn recover_attachments(
+    dir: &Path,
+    segments: &mut VecDeque<Segment>,
+    acked: u64,
+) -> Result<std::collections::BTreeMap<u64, u64>, OutboxError> {
+    // id -> (first unacked record, last record, bytes needed)
+    let needed = |segments: &VecDeque<Segment>| {
+        let mut m = std::collections::BTreeMap::<u64, (u64, u64, u64)>::new();
+        for &(seq, id, end) in segments.iter().flat_map(|s| &s.refs) {
+            if seq > acked {
+                let e = m.entry(id).or_insert((seq, seq, 0));
+                e.1 = e.1.max(seq);
+                e.2 = e.2.max(end);
+            }
+        }
+        m
+    };
+    let mut want = needed(segments);
+    let mut cut: Option<u64> = None;
+    for (&id, &(first, _, end)) in &want {
+        let path = attachment_path(dir, id);
+        let len = fs::metadata(&path).map(|m| m.len());
+        if len.as_ref().map_or(true, |&l| l < end) {
+            tracing::error!(path = %path.display(), needed = end, found = ?len.ok(), "outbox attachment missing or short; dropping its records and later ones");
+            cut = Some(cut.map_or(first, |c| c.min(first)));
+        }
+    }
+    if let Some(cut) = cut {
+        truncate_from(segments, cut)?;
+        want = needed(segments);
+    }
+    for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let entry = entry.map_err(io_err("listing", dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = if name.starts_with(ATT_TMP_PREFIX) {
+            true
+        } else {
+            parse_attachment_name(&name).is_some_and(|id| !want.contains_key(&id))
+        };
+        if stale {
+            fs::remove_file(entry.path()).map_err(io_err("deleting", &entry.path()))?;
+        }
+    }
+    Ok(want
+        .into_iter()
+        .map(|(id, (_, last, _))| (id, last))
+        .collect())
+}
+
+/// Drops the records numbered `cut` and above (keeping at least one segment, which
+/// remembers the numbering).
+fn truncate_from(segments: &mut VecDeque<Segment>, cut: u64) -> Result<(), OutboxError> {
+    while segments.len() > 1 && segments.back().is_some_and(|s| s.first >= cut) {
+        if let Some(seg) = segments.pop_back() {
+            remove_segment(&seg)?;
+        }
+    }
+    if let Some(seg) = segments.back_mut()
+        && cut <= seg.end()
+    {
+        let idx = cut.saturating_sub(seg.first) as usize;
+        let offset = seg.starts[idx];
+        OpenOptions::new()
+            .write(true)
+            .open(&seg.path)
+            .and_then(|f| f.set_len(offset))
+            .map_err(io_err("truncating", &seg.path))?;
+        seg.starts.truncate(idx);
+        seg.len = offset;
+        seg.refs.retain(|r| r.0 < cut);
+    }
+    Ok(())
+}
+
 /// Scans every segment, truncates damaged tails, and cuts the chain where numbering
 /// is not continuous (keeping the earlier records).
 fn recover_segments(dir: &Path) -> Result<VecDeque<Segment>, OutboxError> {
@@ -987,6 +1393,15 @@ fn scan_segment(seg: &mut Segment) -> Result<(), OutboxError> {
         if h.seq != expected {
             reason = Some("unexpected sequence number");
             break;
+        }
+        if h.attached {
+            match record::reference_of(&rec[record::HEADER_LEN..]) {
+                Some((id, end)) => seg.refs.push((h.seq, id, end)),
+                None => {
+                    reason = Some(record::Invalid::Frame.as_str());
+                    break;
+                }
+            }
         }
         seg.starts.push(offset);
         offset += h.record_len();

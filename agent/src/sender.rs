@@ -5,6 +5,7 @@
 //! the producer (the kernel's output pump) is slowed down, nothing is lost.
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -154,12 +155,42 @@ impl Sender {
     /// Durably appends a sequenced message and returns its sequence number. Waits for
     /// acknowledgements while the outbox is full.
     pub async fn send(&self, msg: &Message, payload: &Bytes) -> Result<u64, SendError> {
+        self.append_waiting(|outbox| outbox.append(msg, payload))
+            .await
+    }
+
+    /// Appends one message per part whose payloads are ranges of the file `src`,
+    /// without copying it ([`Outbox::append_attached`]: `src` must not change
+    /// afterwards); returns the last sequence number. Waits while the outbox is full.
+    pub async fn send_file(
+        &self,
+        src: &Path,
+        parts: &[(Message, u64, u32)],
+    ) -> Result<u64, SendError> {
+        let stager = self.shared.outbox().attachment_stager();
+        let src = src.to_owned();
+        let mut att = tokio::task::spawn_blocking(move || stager.prepare(&src))
+            .await
+            .map_err(|e| OutboxError::Io {
+                op: "preparing an attachment",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e),
+            })??;
+        self.append_waiting(|outbox| outbox.append_attached(&mut att, parts))
+            .await
+    }
+
+    /// Runs `append` on the outbox until it is not full; returns the last number.
+    async fn append_waiting(
+        &self,
+        mut append: impl FnMut(&mut Outbox) -> Result<u64, OutboxError>,
+    ) -> Result<u64, SendError> {
         let mut warned = false;
         loop {
             let notified = self.shared.released.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let r = self.shared.outbox().append(msg, payload);
+            let r = append(&mut self.shared.outbox());
             match r {
                 Ok(seq) => {
                     if let Some(p) = &self.shared.probe {

@@ -60,15 +60,19 @@ pub trait Backing: Send + Sync + fmt::Debug {
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>, BackingError>;
-    /// Replaces (or creates) `path` with the content of the local file `staged`; returns the
-    /// new version. `base_version` is the version the writer started from, empty for a new
-    /// file.
+    /// Replaces (or creates) `path` with the content of the local file `staged`, whose
+    /// SHA-256 (hex) the core computed as `version`; returns the version stored.
+    /// `base_version` is the version the writer started from, empty for a new file.
+    /// The core does not change `staged` afterwards, so an implementation may keep a
+    /// link to it instead of a copy, and it removes `staged` (or keeps it as cached
+    /// content) once the call returns.
     fn upload(
         &self,
         root: FileRoot,
         path: &str,
         base_version: &str,
         staged: &Path,
+        version: &str,
     ) -> Result<String, BackingError>;
     /// Creates a directory.
     fn mkdir(&self, root: FileRoot, path: &str) -> Result<(), BackingError>;
@@ -133,6 +137,27 @@ pub fn hash_file(file: &mut File) -> io::Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// Copies `src` to `dst` (created, must not exist) and returns the SHA-256 (hex) of
+/// the bytes copied.
+pub fn copy_hashing(src: &Path, dst: &Path) -> io::Result<String> {
+    copy_file_hashing(&mut File::open(src)?, dst)
+}
+
+/// [`copy_hashing`] from an open file (read from its current position).
+pub fn copy_file_hashing(from: &mut File, dst: &Path) -> io::Result<String> {
+    let mut to = OpenOptions::new().write(true).create_new(true).open(dst)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+        to.write_all(&buf[..n])?;
+    }
 }
 
 /// SHA-256 of bytes, hex.
@@ -386,7 +411,9 @@ impl Backing for LocalDir {
         path: &str,
         base_version: &str,
         staged: &Path,
+        _version: &str,
     ) -> Result<String, BackingError> {
+        // The version returned is the hash of the bytes copied, what is stored.
         let tree = self.writable_tree(root)?;
         let full = Self::resolve(tree, path)?;
         let io_err = |source| BackingError::Io {
@@ -407,25 +434,13 @@ impl Backing for LocalDir {
             .ok_or_else(|| io_err(io::Error::new(io::ErrorKind::InvalidInput, "no parent")))?;
         let n = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = parent.join(format!("{UPLOAD_PREFIX}{}-{n}", std::process::id()));
-        let mut src = File::open(staged).map_err(io_err)?;
-        let mut dst = File::create(&tmp).map_err(io_err)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let copy = (|| -> io::Result<()> {
-            loop {
-                let n = src.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(());
-                }
-                hasher.update(&buf[..n]);
-                dst.write_all(&buf[..n])?;
+        match copy_hashing(staged, &tmp).and_then(|v| fs::rename(&tmp, &full).map(|()| v)) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(io_err(e))
             }
-        })();
-        if let Err(e) = copy.and_then(|()| fs::rename(&tmp, &full)) {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err(e));
         }
-        Ok(hex::encode(hasher.finalize()))
     }
 
     fn mkdir(&self, root: FileRoot, path: &str) -> Result<(), BackingError> {
@@ -511,8 +526,11 @@ pub enum BackingRequest {
         path: String,
         /// Version the writer started from.
         base_version: String,
-        /// Local file with the new content; stays valid until the reply is sent.
+        /// Local file with the new content; stays valid (and unchanged) until the
+        /// reply is sent.
         staged: PathBuf,
+        /// SHA-256 (hex) of the new content.
+        version: String,
         /// Answer: the new version.
         reply: Reply<String>,
     },
@@ -568,8 +586,9 @@ impl BackingRequest {
                 path,
                 base_version,
                 staged,
+                version,
                 reply,
-            } => reply.send(backing.upload(root, &path, &base_version, &staged)),
+            } => reply.send(backing.upload(root, &path, &base_version, &staged, &version)),
             BackingRequest::Mkdir { root, path, reply } => reply.send(backing.mkdir(root, &path)),
             BackingRequest::Remove {
                 root,
@@ -666,12 +685,14 @@ impl Backing for ChannelBacking {
         path: &str,
         base_version: &str,
         staged: &Path,
+        version: &str,
     ) -> Result<String, BackingError> {
         self.call("upload", |reply| BackingRequest::Upload {
             root,
             path: path.to_owned(),
             base_version: base_version.to_owned(),
             staged: staged.to_owned(),
+            version: version.to_owned(),
             reply,
         })
     }
@@ -797,12 +818,24 @@ mod tests {
         let staged = dir.path().join("staged");
         fs::write(&staged, b"new").unwrap();
         let nv = b
-            .upload(FileRoot::Notebook, "sub/a.txt", &v, &staged)
+            .upload(
+                FileRoot::Notebook,
+                "sub/a.txt",
+                &v,
+                &staged,
+                &hash_bytes(b"new"),
+            )
             .unwrap();
         assert_eq!(nv, hash_bytes(b"new"));
         assert_eq!(fs::read(dir.path().join("sub/a.txt")).unwrap(), b"new");
         assert!(matches!(
-            b.upload(FileRoot::Notebook, "sub/a.txt", &v, &staged),
+            b.upload(
+                FileRoot::Notebook,
+                "sub/a.txt",
+                &v,
+                &staged,
+                &hash_bytes(b"new")
+            ),
             Err(BackingError::Conflict { .. })
         ));
         let small = LocalDir::new()

@@ -14,7 +14,7 @@ use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use nbagent_protocol::{FileKind, FileRoot};
 
-use crate::backing::{Backing, hash_file, validate_listing};
+use crate::backing::{Backing, copy_file_hashing, hash_file, validate_listing};
 use crate::error::{BackingError, ListingError};
 use crate::path::split_path;
 
@@ -250,24 +250,26 @@ fn walk(
 }
 
 /// Uploads the files of `dir` that differ from `manifest` (by SHA-256), and creates new
-/// directories. Deletions are reported, not applied.
+/// directories. Deletions are reported, not applied. Each changed file is copied into
+/// `scratch` (a private directory outside the tree) and uploaded from there.
 pub fn sync_back(
     backing: &dyn Backing,
     manifest: &Manifest,
     dir: &Path,
+    scratch: &Path,
 ) -> Result<SyncReport, CopyError> {
     let root = manifest.root.unwrap_or(FileRoot::Notebook);
     let (mut files, mut dirs) = (Vec::new(), Vec::new());
     walk(dir, "", &mut files, &mut dirs)?;
     let mut report = SyncReport::default();
     let mut changed = Vec::new();
-    let base = open_dir(dir).map_err(io_at(dir))?;
+    let base_dir = open_dir(dir).map_err(io_at(dir))?;
     for rel in &files {
         let mut local = dir.to_owned();
         local.extend(rel.split('/'));
         // Read as root from a tree the kernel wrote: never through a symlink.
         let mut f =
-            open_beneath(&base, rel, OFlag::O_RDONLY, Mode::empty()).map_err(io_at(&local))?;
+            open_beneath(&base_dir, rel, OFlag::O_RDONLY, Mode::empty()).map_err(io_at(&local))?;
         let hash = hash_file(&mut f).map_err(io_at(&local))?;
         if manifest.files.get(rel) == Some(&hash) {
             report.unchanged += 1;
@@ -289,9 +291,20 @@ pub fn sync_back(
         backing.mkdir(root, &d)?;
         report.created_dirs.push(d);
     }
-    for (rel, local) in changed {
+    // What is uploaded is a private copy made through a descriptor opened beneath the
+    // tree: the kernel cannot swap a file for a symlink between the check and the copy.
+    fs::create_dir_all(scratch).map_err(io_at(scratch))?;
+    for (i, (rel, local)) in changed.into_iter().enumerate() {
         let base = manifest.versions.get(&rel).map_or("", String::as_str);
-        backing.upload(root, &rel, base, &local)?;
+        let copy = scratch.join(format!("sync-{i}"));
+        let _ = fs::remove_file(&copy);
+        let mut f =
+            open_beneath(&base_dir, &rel, OFlag::O_RDONLY, Mode::empty()).map_err(io_at(&local))?;
+        let uploaded = copy_file_hashing(&mut f, &copy)
+            .map_err(io_at(&local))
+            .and_then(|version| Ok(backing.upload(root, &rel, base, &copy, &version)?));
+        let _ = fs::remove_file(&copy);
+        uploaded?;
         report.uploaded.push(rel);
     }
     let present: BTreeSet<&String> = files.iter().collect();

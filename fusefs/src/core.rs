@@ -695,8 +695,11 @@ impl Fs {
         Ok(())
     }
 
-    /// Uploads a dirty staged file; on success the staging copy becomes clean.
-    fn upload(&self, st: &mut State, ino: u64) -> FsResult<()> {
+    /// Uploads a dirty staged file; on success the staging copy becomes clean. Unless
+    /// `frozen` (nobody can write the staging copy any more) the backing gets a
+    /// snapshot. Content equal to the version it started from (passthrough writers
+    /// that wrote nothing, or wrote the same bytes) is not uploaded.
+    fn upload(&self, st: &mut State, ino: u64, frozen: bool) -> FsResult<()> {
         let node = Self::node(st, ino)?;
         let Content::Staged(s) = &node.content else {
             return Ok(());
@@ -717,9 +720,40 @@ impl Fs {
         }
         let rel = Self::path_of(st, ino)?;
         let (path, base) = (s.path.clone(), s.base_version.clone());
-        let version = self
+        let (src, version, snapshot) = if frozen {
+            let version = backing::hash_file(&mut File::open(&path)?)?;
+            (path, version, None)
+        } else {
+            st.staging_seq += 1;
+            let snap = self
+                .config
+                .staging_dir
+                .join(format!("{ino}-{}.snapshot", st.staging_seq));
+            let version = backing::copy_hashing(&path, &snap).inspect_err(|_| {
+                let _ = fs::remove_file(&snap);
+            })?;
+            (snap.clone(), version, Some(snap))
+        };
+        if !base.is_empty() && version == base {
+            if let Some(snap) = snapshot {
+                let _ = fs::remove_file(snap);
+            }
+            if let Some(Inode {
+                content: Content::Staged(s),
+                ..
+            }) = st.inodes.get_mut(&ino)
+            {
+                s.dirty = false;
+            }
+            return Ok(());
+        }
+        let uploaded = self
             .backing
-            .upload(self.config.root, &rel, &base, &path)
+            .upload(self.config.root, &rel, &base, &src, &version);
+        if let Some(snap) = snapshot {
+            let _ = fs::remove_file(snap);
+        }
+        let version = uploaded
             .inspect_err(|e| tracing::warn!(ino, path = %rel, error = %e, "upload failed"))?;
         tracing::debug!(ino, path = %rel, version = %version, "uploaded");
         if let Some(Inode {
@@ -1091,34 +1125,35 @@ impl Fs {
         }
     }
 
-    /// Uploads the file if it is dirty (close, fsync).
+    /// Uploads the file if it is dirty: a close of `fh` (FUSE `FLUSH`).
+    ///
+    /// When no other handle may write the file, the staging copy itself is handed to
+    /// the backing (which links it into the outbox, no copy); otherwise it is
+    /// snapshotted first, because another writer may change it through passthrough
+    /// without the daemon seeing it (the kernel sends the `RELEASE` of an old handle
+    /// asynchronously). A descriptor duplicated before the close can still write the
+    /// handed-over file: the upload of that moment may then be refused by the server
+    /// (its content no longer matches its version), and the final close uploads the
+    /// final content, which is what counts.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
+        self.flush_handle(fh, true)
+    }
+
+    /// Uploads the file if it is dirty, from a snapshot: `fsync` of `fh`, which stays
+    /// open for writing.
+    pub fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush_handle(fh, false)
+    }
+
+    fn flush_handle(&self, fh: u64, closing: bool) -> FsResult<()> {
         let mut st = self.lock();
         let ino = st.handles.get(&fh).ok_or(FsError::BadHandle(fh))?.ino;
-        // Another writer still open may write through passthrough after this check
-        // without the daemon seeing it (the kernel sends the RELEASE of an old handle
-        // asynchronously): only the last writer may find the content unchanged.
         let other_writers = st
             .handles
             .iter()
             .filter(|(h, handle)| **h != fh && handle.ino == ino && handle.write)
             .count();
-        // Unchanged content (passthrough writers that wrote nothing) is not uploaded.
-        if other_writers == 0
-            && let Some(Inode {
-                content: Content::Staged(s),
-                in_backing: true,
-                ..
-            }) = st.inodes.get_mut(&ino)
-            && s.dirty
-            && !s.base_version.is_empty()
-        {
-            let mut f = File::open(&s.path)?;
-            if backing::hash_file(&mut f)? == s.base_version {
-                s.dirty = false;
-            }
-        }
-        self.upload(&mut st, ino)
+        self.upload(&mut st, ino, closing && other_writers == 0)
     }
 
     /// Closes a handle; a dirty file is uploaded first.
@@ -1157,7 +1192,7 @@ impl Fs {
         }
         let open = Self::node(&st, ino)?.open;
         if open == 0 {
-            self.upload(&mut st, ino)?;
+            self.upload(&mut st, ino, true)?;
             self.unstage_if_idle(&mut st, ino);
         }
         self.attr_of(&st, ino)

@@ -18,6 +18,7 @@ fn copy_modify_sync_back_uploads_only_changed_files() {
     let backing = LocalDir::new().with_tree(FileRoot::Notebook, b, true);
 
     let copy_dir = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
     let c = copy_dir.path().join("files");
     let manifest = copy_tree(&backing, FileRoot::Notebook, &c, 1000, 4096).unwrap();
     assert_eq!(
@@ -31,7 +32,7 @@ fn copy_modify_sync_back_uploads_only_changed_files() {
     assert_eq!(manifest.files.len(), 3);
 
     // Nothing changed: nothing uploaded.
-    let report = sync_back(&backing, &manifest, &c).unwrap();
+    let report = sync_back(&backing, &manifest, &c, scratch.path()).unwrap();
     assert!(report.uploaded.is_empty());
     assert_eq!(report.unchanged, 3);
 
@@ -44,7 +45,7 @@ fn copy_modify_sync_back_uploads_only_changed_files() {
         .unwrap()
         .modified()
         .unwrap();
-    let report = sync_back(&backing, &manifest, &c).unwrap();
+    let report = sync_back(&backing, &manifest, &c, scratch.path()).unwrap();
     assert_eq!(report.uploaded, ["data/a.csv", "out/result.txt"]);
     assert_eq!(report.created_dirs, ["out"]);
     assert_eq!(report.unchanged, 2);
@@ -65,7 +66,7 @@ fn copy_modify_sync_back_uploads_only_changed_files() {
     let m = copy_tree(&ro, FileRoot::Workspace, &ro_dir, 1000, 4096).unwrap();
     fs::write(ro_dir.join("notes.txt"), "changed").unwrap();
     assert!(matches!(
-        sync_back(&ro, &m, &ro_dir),
+        sync_back(&ro, &m, &ro_dir, scratch.path()),
         Err(CopyError::ReadOnly { changed: 1 })
     ));
 }
@@ -99,6 +100,7 @@ fn planted_symlinks_are_replaced_not_followed() {
     let victim = outside.path().join("victim");
     fs::write(&victim, "precious").unwrap();
     let copy_dir = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
     let c = copy_dir.path().join("files");
     fs::create_dir_all(&c).unwrap();
     std::os::unix::fs::symlink(&victim, c.join("a.csv")).unwrap();
@@ -118,7 +120,7 @@ fn planted_symlinks_are_replaced_not_followed() {
     let secret = outside.path().join("key");
     fs::write(&secret, "agent key").unwrap();
     std::os::unix::fs::symlink(&secret, c.join("key.txt")).unwrap();
-    let report = sync_back(&backing, &manifest, &c).unwrap();
+    let report = sync_back(&backing, &manifest, &c, scratch.path()).unwrap();
     assert!(report.uploaded.is_empty(), "{report:?}");
     assert!(!b.join("key.txt").exists());
 }

@@ -85,6 +85,7 @@ impl Backing for Fixed {
         _: &str,
         _: &str,
         _: &std::path::Path,
+        _: &str,
     ) -> Result<String, BackingError> {
         Err(BackingError::ReadOnly)
     }

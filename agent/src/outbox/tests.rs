@@ -587,3 +587,165 @@ fn absurd_numbers_are_refused_without_overflow() {
     let ob = Outbox::open(config(tmp.path())).unwrap();
     assert_eq!(ob.window(), SendWindow::resume(2, 0));
 }
+
+/// Writes `content` to a new file in `dir` and prepares it as an attachment.
+fn attachment(ob: &Outbox, dir: &Path, name: &str, content: &[u8]) -> (PathBuf, Attachment) {
+    let src = dir.join(name);
+    fs::write(&src, content).unwrap();
+    let att = ob.attachment_stager().prepare(&src).unwrap();
+    (src, att)
+}
+
+fn outbox_files(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn attached_records_send_the_file_bytes_without_copying_them() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("outbox");
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    assert_eq!(ob.append(&output(1, 10), b"").unwrap(), 1);
+    let content: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let (src, mut att) = attachment(&ob, tmp.path(), "src", &content);
+    let parts = [
+        (blob(2), 0, 4096),
+        (blob(3), 4096, 4096),
+        (blob(4), 8192, 1808),
+    ];
+    assert_eq!(ob.append_attached(&mut att, &parts).unwrap(), 4);
+    drop(att);
+    // Linked, not copied: the attachment is the source file's inode.
+    let linked = dir.join(format!("{ATT_PREFIX}{:020}", 2));
+    assert_eq!(
+        fs::metadata(&linked).unwrap().ino(),
+        fs::metadata(&src).unwrap().ino()
+    );
+    // The last record appended reads back with its payload.
+    let (last, raw) = ob.last().unwrap().unwrap();
+    assert_eq!(last, 4);
+    assert_eq!(raw.payload.as_ref(), &content[8192..]);
+    assert_eq!(ob.append(&output(5, 10), b"").unwrap(), 5);
+    // The records themselves are small: the payloads are not in the segments.
+    assert!(ob.pending_bytes() < 2_000, "{}", ob.pending_bytes());
+
+    let check = |frames: &[(u64, Bytes)]| {
+        assert_eq!(
+            frames.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        for (seq, frame) in frames {
+            let (env, payload) = decode(frame);
+            assert_eq!(env.seq, Some(*seq));
+            if let Some((msg, at, len)) = parts.iter().find(|p| p.0 == blob(*seq)) {
+                assert_eq!(env.msg, *msg);
+                assert_eq!(
+                    payload.as_ref(),
+                    &content[*at as usize..*at as usize + *len as usize]
+                );
+            } else {
+                assert_eq!(env.msg, output(*seq, 10));
+            }
+        }
+    };
+    let from_memory = all(&ob);
+    check(&from_memory);
+    drop(ob);
+
+    // From disk after a reopen; the budget counts the payloads.
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    assert_eq!(all(&ob), from_memory);
+    let some = ob.frames_after(1, 5_000).unwrap();
+    assert_eq!(
+        some.len(),
+        1,
+        "one 4 KiB payload fits in 5000 bytes, two do not"
+    );
+    assert_eq!(some[0], from_memory[1]);
+
+    // The attachment goes once all its records are acked, and stays gone on reopen.
+    ob.ack(3).unwrap();
+    assert!(linked.exists());
+    ob.ack(4).unwrap();
+    assert!(!linked.exists());
+    assert!(src.exists(), "the source file is the caller's");
+    drop(ob);
+    let ob = Outbox::open(config(&dir)).unwrap();
+    assert_eq!(ob.window(), SendWindow::resume(5, 4));
+    assert_eq!(all(&ob), from_memory[4..].to_vec());
+}
+
+#[test]
+fn a_lost_attachment_drops_its_records_and_the_later_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("outbox");
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    ob.append(&output(1, 10), b"").unwrap();
+    let (_, mut att) = attachment(&ob, tmp.path(), "src", &[7u8; 100]);
+    let parts = [(blob(2), 0, 50), (blob(3), 50, 50)];
+    ob.append_attached(&mut att, &parts).unwrap();
+    ob.append(&output(4, 10), b"").unwrap();
+    let kept = all(&ob)[..1].to_vec();
+    drop(ob);
+    fs::remove_file(dir.join(format!("{ATT_PREFIX}{:020}", 2))).unwrap();
+
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    assert_eq!(ob.window(), SendWindow::resume(1, 0));
+    assert_eq!(all(&ob), kept);
+    assert_eq!(ob.append(&output(2, 10), b"").unwrap(), 2);
+}
+
+#[test]
+fn attachments_without_records_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("outbox");
+    let ob = Outbox::open(config(&dir)).unwrap();
+    // Dropped before being appended: removed at once.
+    let (_, att) = attachment(&ob, tmp.path(), "a", b"abc");
+    assert_eq!(outbox_files(&dir, ATT_PREFIX).len(), 1);
+    drop(att);
+    assert!(outbox_files(&dir, ATT_PREFIX).is_empty());
+    // Left by a crash between preparing and appending, or with its records lost:
+    // removed on open.
+    let (_, att) = attachment(&ob, tmp.path(), "b", b"abc");
+    std::mem::forget(att);
+    fs::write(dir.join(format!("{ATT_PREFIX}{:020}", 7)), b"x").unwrap();
+    drop(ob);
+    assert_eq!(outbox_files(&dir, ATT_PREFIX).len(), 2);
+    let _ob = Outbox::open(config(&dir)).unwrap();
+    assert!(outbox_files(&dir, ATT_PREFIX).is_empty());
+}
+
+#[test]
+fn a_full_outbox_keeps_the_attachment_for_a_retry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("outbox");
+    let mut c = config(&dir);
+    c.max_bytes = 1_000;
+    let mut ob = Outbox::open(c).unwrap();
+    ob.append(&output(1, 700), b"").unwrap();
+    let (_, mut att) = attachment(&ob, tmp.path(), "src", &[1u8; 300]);
+    let parts = [(blob(2), 0, 150), (blob(3), 150, 150)];
+    assert!(matches!(
+        ob.append_attached(&mut att, &parts),
+        Err(OutboxError::Full { .. })
+    ));
+    assert_eq!(ob.window().last_assigned(), 1);
+    // Out of range parts are refused whatever the space.
+    assert!(matches!(
+        ob.append_attached(&mut att, &[(blob(2), 200, 150)]),
+        Err(OutboxError::OutsideAttachment { .. })
+    ));
+    ob.ack(1).unwrap();
+    assert_eq!(ob.append_attached(&mut att, &parts).unwrap(), 3);
+    let frames = all(&ob);
+    assert_eq!(frames.len(), 2);
+    assert_eq!(decode(&frames[1].1).1.as_ref(), &[1u8; 150]);
+}
