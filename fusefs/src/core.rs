@@ -213,6 +213,9 @@ struct Staged {
     path: PathBuf,
     base_version: String,
     dirty: bool,
+    /// Handed to the backing as it is (see [`Fs::flush`]): never written again. A
+    /// writer that comes later gets a copy.
+    sealed: bool,
 }
 
 #[derive(Debug)]
@@ -268,8 +271,15 @@ pub struct Fs {
     clock: Arc<dyn Clock>,
     cache: ContentCache,
     state: Mutex<State>,
+    /// Signalled when a handle is released (a writer waiting for a sealed file).
+    released: std::sync::Condvar,
     reads: AtomicU64,
 }
+
+/// How long an open for writing waits for the last handle of a sealed file to be
+/// released (the kernel sends that `RELEASE` right after the close) before it writes
+/// the handed-over file after all.
+const SEALED_WAIT: Duration = Duration::from_secs(2);
 
 fn mtime_of(ms: i64) -> SystemTime {
     if ms >= 0 {
@@ -331,6 +341,7 @@ impl Fs {
                 vanished: HashMap::new(),
                 staging_seq: 0,
             }),
+            released: std::sync::Condvar::new(),
         };
         {
             let mut st = fs.lock();
@@ -661,6 +672,25 @@ impl Fs {
     /// Gives `ino` a staging copy holding its current content (or nothing if `empty`).
     fn stage(&self, st: &mut State, ino: u64, empty: bool) -> FsResult<()> {
         let (version, size) = match &Self::node(st, ino)?.content {
+            Content::Staged(s) if s.sealed => {
+                // Copy-on-write: the sealed file belongs to a queued upload.
+                let (old, old_path, base) =
+                    (s.file.clone(), s.path.clone(), s.base_version.clone());
+                let (file, path) = self.new_staging(st, ino)?;
+                let size = if empty { 0 } else { old.metadata()?.len() };
+                copy_range(&old, &file, size)?;
+                let _ = fs::remove_file(old_path);
+                if let Some(node) = st.inodes.get_mut(&ino) {
+                    node.content = Content::Staged(Staged {
+                        file,
+                        path,
+                        base_version: base,
+                        dirty: empty,
+                        sealed: false,
+                    });
+                }
+                return Ok(());
+            }
             Content::Staged(_) => return Ok(()),
             Content::Remote { version, size } => (version.clone(), *size),
         };
@@ -675,14 +705,7 @@ impl Fs {
                     "content not complete after fetching",
                 )));
             };
-            let mut buf = vec![0u8; 1 << 20];
-            let mut at = 0;
-            while at < size {
-                let n = (size - at).min(buf.len() as u64) as usize;
-                read_full_at(&src, &mut buf[..n], at)?;
-                file.write_all_at(&buf[..n], at)?;
-                at += n as u64;
-            }
+            copy_range(&src, &file, size)?;
         }
         if let Some(node) = st.inodes.get_mut(&ino) {
             node.content = Content::Staged(Staged {
@@ -690,6 +713,7 @@ impl Fs {
                 path,
                 base_version: version,
                 dirty: empty && size > 0,
+                sealed: false,
             });
         }
         Ok(())
@@ -764,9 +788,45 @@ impl Fs {
         {
             s.dirty = false;
             s.base_version = version;
+            s.sealed = frozen;
             *in_backing = true;
         }
         Ok(())
+    }
+
+    /// Waits (at most [`SEALED_WAIT`]) until a sealed `ino` has no open handle, so that
+    /// a new writer gets a copy of it rather than the handed-over file; after the
+    /// wait, the file is unsealed and written after all (a descriptor of the old
+    /// handle is still open: see [`Fs::flush`]).
+    fn wait_unsealed<'a>(&self, mut st: MutexGuard<'a, State>, ino: u64) -> MutexGuard<'a, State> {
+        let deadline = Instant::now() + SEALED_WAIT;
+        loop {
+            let busy = st.inodes.get(&ino).is_some_and(|n| {
+                n.open > 0 && matches!(&n.content, Content::Staged(s) if s.sealed)
+            });
+            if !busy {
+                return st;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    ino,
+                    "a handle of a file handed over for upload is still open; writing it in place"
+                );
+                if let Some(Inode {
+                    content: Content::Staged(s),
+                    ..
+                }) = st.inodes.get_mut(&ino)
+                {
+                    s.sealed = false;
+                }
+                return st;
+            }
+            st = self
+                .released
+                .wait_timeout(st, deadline - now)
+                .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+        }
     }
 
     /// A staged file nobody has open any more goes back to remote content; its staging
@@ -948,6 +1008,7 @@ impl Fs {
         }
         if mode.write || mode.truncate {
             Self::check_writable(&st)?;
+            st = self.wait_unsealed(st, ino);
             self.stage(&mut st, ino, mode.truncate)?;
             if mode.truncate
                 && let Some(Inode {
@@ -1025,6 +1086,7 @@ impl Fs {
             path,
             base_version: String::new(),
             dirty: true,
+            sealed: false,
         });
         let ino = self.insert_child(&mut st, parent, name, FileKind::File, content, false);
         let fh = st.next_fh;
@@ -1099,6 +1161,9 @@ impl Fs {
             return Err(FsError::BadHandle(fh));
         }
         let ino = h.ino;
+        if matches!(Self::node(&st, ino)?.content, Content::Staged(ref s) if s.sealed) {
+            self.stage(&mut st, ino, false)?;
+        }
         match st.inodes.get_mut(&ino).map(|n| &mut n.content) {
             Some(Content::Staged(s)) => {
                 s.file.write_all_at(data, offset)?;
@@ -1128,13 +1193,14 @@ impl Fs {
     /// Uploads the file if it is dirty: a close of `fh` (FUSE `FLUSH`).
     ///
     /// When no other handle may write the file, the staging copy itself is handed to
-    /// the backing (which links it into the outbox, no copy); otherwise it is
-    /// snapshotted first, because another writer may change it through passthrough
-    /// without the daemon seeing it (the kernel sends the `RELEASE` of an old handle
-    /// asynchronously). A descriptor duplicated before the close can still write the
-    /// handed-over file: the upload of that moment may then be refused by the server
-    /// (its content no longer matches its version), and the final close uploads the
-    /// final content, which is what counts.
+    /// the backing (which links it into the outbox, no copy) and *sealed*: a writer
+    /// that opens the file later waits for this handle's `RELEASE` (which the kernel
+    /// sends right after the close) and gets a copy, and a write through the daemon
+    /// copies first. Otherwise it is snapshotted first, because another writer may
+    /// change it through passthrough without the daemon seeing it. Only a descriptor
+    /// duplicated before the close (kept open past the wait) can still write the
+    /// handed-over file through passthrough: the upload of that moment may then be
+    /// refused by the server (its content no longer matches its version).
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         self.flush_handle(fh, true)
     }
@@ -1168,6 +1234,8 @@ impl Fs {
         }
         self.unstage_if_idle(&mut st, h.ino);
         self.maybe_drop(&mut st, h.ino);
+        drop(st);
+        self.released.notify_all();
         result
     }
 
@@ -1356,4 +1424,17 @@ impl Fs {
             .count();
         (staged, self.cache.used())
     }
+}
+
+/// Copies the first `len` bytes of `from` into `to`.
+fn copy_range(from: &File, to: &File, len: u64) -> FsResult<()> {
+    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        read_full_at(from, &mut buf[..n], at)?;
+        to.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }

@@ -466,10 +466,12 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The passthrough id goes first: an open waiting in the core for this release
+        // must not find it still alive and reuse it for a new staging copy.
+        self.forget_handle(fh.0);
         if let Err(e) = self.fs.release(fh.0) {
             tracing::warn!(ino = ino.0, error = %e, "release failed");
         }
-        self.forget_handle(fh.0);
         reply.ok();
     }
 

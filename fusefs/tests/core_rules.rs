@@ -286,3 +286,132 @@ fn a_written_file_that_vanished_from_the_server_fails_its_close() {
     fs.release(o.fh).unwrap();
     assert!(!b.path().join("b").exists());
 }
+
+/// A local-directory backing that, like the agent's outbox, keeps a hard link to every
+/// file handed to `upload` instead of a copy.
+#[derive(Debug)]
+struct Linking {
+    inner: nbagent_fusefs::LocalDir,
+    keep: std::path::PathBuf,
+    links: std::sync::Mutex<Vec<std::path::PathBuf>>,
+}
+
+impl Linking {
+    fn linked(&self) -> Vec<Vec<u8>> {
+        let links = self.links.lock().unwrap();
+        links.iter().map(|p| fs::read(p).unwrap()).collect()
+    }
+}
+
+impl Backing for Linking {
+    fn list(&self, root: FileRoot) -> Result<Listing, BackingError> {
+        self.inner.list(root)
+    }
+    fn read(
+        &self,
+        root: FileRoot,
+        path: &str,
+        version: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, BackingError> {
+        self.inner.read(root, path, version, offset, len)
+    }
+    fn upload(
+        &self,
+        root: FileRoot,
+        path: &str,
+        base: &str,
+        staged: &std::path::Path,
+        version: &str,
+    ) -> Result<String, BackingError> {
+        let mut links = self.links.lock().unwrap();
+        let link = self.keep.join(links.len().to_string());
+        fs::hard_link(staged, &link).unwrap();
+        links.push(link);
+        drop(links);
+        self.inner.upload(root, path, base, staged, version)
+    }
+    fn mkdir(&self, root: FileRoot, path: &str) -> Result<(), BackingError> {
+        self.inner.mkdir(root, path)
+    }
+    fn remove(&self, root: FileRoot, path: &str, kind: FileKind) -> Result<(), BackingError> {
+        self.inner.remove(root, path, kind)
+    }
+    fn rename(&self, root: FileRoot, from: &str, to: &str) -> Result<(), BackingError> {
+        self.inner.rename(root, from, to)
+    }
+}
+
+#[test]
+fn a_file_handed_over_at_close_is_never_written_again() {
+    let b = tempfile::tempdir().unwrap();
+    let w = tempfile::tempdir().unwrap();
+    let keep = tempfile::tempdir().unwrap();
+    let backing = Arc::new(Linking {
+        inner: nbagent_fusefs::LocalDir::new().with_tree(FileRoot::Notebook, b.path(), true),
+        keep: keep.path().to_owned(),
+        links: Default::default(),
+    });
+    let config = FsConfig::new(FileRoot::Notebook, w.path());
+    let fs = Arc::new(
+        Fs::new(
+            config,
+            backing.clone(),
+            Arc::new(nbagent_fusefs::SystemClock),
+        )
+        .unwrap(),
+    );
+    let rw = OpenMode {
+        write: true,
+        truncate: false,
+    };
+    let (a, o1) = fs.create(ROOT_INO, OsStr::new("a"), rw).unwrap();
+    fs.write(o1.fh, 0, b"first").unwrap();
+    fs.flush(o1.fh).unwrap();
+    assert_eq!(backing.linked(), vec![b"first".to_vec()]);
+
+    // A write through the daemon on the same handle after its close (a duplicated
+    // descriptor) goes to a copy.
+    fs.write(o1.fh, 5, b"+more").unwrap();
+    fs.flush(o1.fh).unwrap();
+    assert_eq!(
+        backing.linked(),
+        vec![b"first".to_vec(), b"first+more".to_vec()]
+    );
+
+    // fsync hands over a snapshot: the file stays writable in place.
+    fs.write(o1.fh, 0, b"F").unwrap();
+    fs.fsync(o1.fh).unwrap();
+    fs.write(o1.fh, 1, b"I").unwrap();
+    assert_eq!(backing.linked()[2], b"First+more");
+
+    // A writer that opens before the last handle is released (a close followed at
+    // once by an open: the kernel's RELEASE may still be queued) waits for it, or
+    // comes after it; either way it writes a copy.
+    fs.flush(o1.fh).unwrap();
+    let handed = backing.linked().len();
+    let opener = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            let trunc = OpenMode {
+                write: true,
+                truncate: true,
+            };
+            let o2 = fs.open(a.ino, trunc).unwrap();
+            fs.write(o2.fh, 0, b"second").unwrap();
+            fs.flush(o2.fh).unwrap();
+            fs.release(o2.fh).unwrap();
+        })
+    };
+    fs.release(o1.fh).unwrap();
+    opener.join().unwrap();
+    let linked = backing.linked();
+    assert_eq!(
+        linked[handed - 1],
+        b"FIrst+more",
+        "the handed-over file is intact"
+    );
+    assert_eq!(linked.last().unwrap(), b"second");
+    assert_eq!(fs::read(b.path().join("a")).unwrap(), b"second");
+}
