@@ -767,7 +767,7 @@ impl Fs {
                 ..
             }) = st.inodes.get_mut(&ino)
             {
-                s.dirty = false;
+                s.dirty = !frozen;
             }
             return Ok(());
         }
@@ -786,7 +786,11 @@ impl Fs {
             ..
         }) = st.inodes.get_mut(&ino)
         {
-            s.dirty = false;
+            // A handle that stays open for writing (fsync, or another writer) may go
+            // on writing through passthrough without the daemon seeing it: the file
+            // stays dirty, and its next close hashes it again (and uploads nothing
+            // if the content is the same).
+            s.dirty = !frozen;
             s.base_version = version;
             s.sealed = frozen;
             *in_backing = true;
