@@ -243,9 +243,17 @@ impl Notebook {
     /// Kills the server (listener and live sessions), waits `down`, and starts it
     /// again on the same address and data directory.
     pub async fn restart_server(&mut self, down: Duration) {
+        let config = self.stop_server().await;
+        tokio::time::sleep(down).await;
+        self.start_server(config).await;
+    }
+
+    /// Kills the server (listener and live sessions); returns its configuration for
+    /// [`start_server`](Self::start_server). Until then `self.server` is a stand-in on
+    /// another address, which the agent does not reach.
+    pub async fn stop_server(&mut self) -> nbserver::ServerConfig {
         let mut config = self.server.state.config.clone();
         config.listen = self.server.addr;
-        // A stand-in, so that `self.server` stays valid while the real one is down.
         let stand_in = nbserver::ServerConfig::new(
             self._tmp.path().join("stand-in"),
             "127.0.0.1:0".parse().unwrap(),
@@ -253,7 +261,11 @@ impl Notebook {
         let stand_in = nbserver::start(stand_in).await.expect("start stand-in");
         let old = std::mem::replace(&mut self.server, stand_in);
         old.kill().await;
-        tokio::time::sleep(down).await;
+        config
+    }
+
+    /// Starts the server stopped by [`stop_server`](Self::stop_server) again.
+    pub async fn start_server(&mut self, config: nbserver::ServerConfig) {
         let deadline = Instant::now() + Duration::from_secs(10);
         let fresh = loop {
             match nbserver::start(config.clone()).await {

@@ -1,7 +1,8 @@
 //! Attached files end to end: files attached on an in-process `nbserver` appear in the
 //! container through the real FUSE mount of the real `nbagent` (under `nbsupervisor`),
 //! a real ipykernel reads and writes them as `nbuser`, and what it writes reaches the
-//! server, also across a server outage; plus copy mode, forced and as the automatic
+//! server, also across a server outage and across a crash of the agent while its
+//! upload waits in the outbox; plus copy mode, forced and as the automatic
 //! fallback when the FUSE device is missing (`NBAGENT_DEV_FUSE` pointed elsewhere).
 //!
 //! Needs root, `/dev/fuse`, the `nbuser` account and the kernel venv with pandas
@@ -304,6 +305,83 @@ print('sha256', hashlib.sha256(data).hexdigest())
         "the agent never reconnected:\n{}",
         nb.log_tail()
     );
+}
+
+/// A file closed while the server is down is kept by the outbox (as a link, not a
+/// copy); the agent, killed before it could send it, sends it after its restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_closed_before_an_agent_crash_lands_after_the_restart() {
+    if skip(
+        "a_file_closed_before_an_agent_crash_lands_after_the_restart",
+        true,
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let mounts = Mounts::new();
+    let mut nb = Notebook::start(mounts.setup("mount", attached())).await;
+    nb.wait_kernel_ready(Duration::from_secs(60)).await;
+    let nbdir = mounts.notebook();
+    let go = mounts.dir.path().join("go");
+    // The cell waits for the test to take the server away, then writes 5 MiB (five
+    // chunks) and a second file that says the first one was closed.
+    let request = nb
+        .submit(&format!(
+            r#"
+import os, time
+print('started', flush=True)
+while not os.path.exists({go:?}):
+    time.sleep(0.05)
+data = bytes((i * 13) % 251 for i in range(5 << 20))
+with open({big:?}, 'wb') as f:
+    f.write(data)
+open({done:?}, 'w').close()
+"#,
+            go = go.display().to_string(),
+            big = nbdir.join("before_crash.bin").display().to_string(),
+            done = nbdir.join("closed.txt").display().to_string(),
+        ))
+        .await;
+    nb.wait_for("output", Duration::from_secs(30), |m| {
+        m.iter()
+            .any(|s| matches!(&s.msg, Message::Output { output, .. } if format!("{output:?}").contains("started")))
+            .then_some(())
+    })
+    .await;
+    let config = nb.stop_server().await;
+    std::fs::write(&go, b"").unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !nbdir.join("closed.txt").exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the kernel never closed its file\n{}",
+            nb.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The agent dies with the upload only in its outbox; the supervisor restarts it.
+    let old = nb.agent_pid().expect("agent running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if nb.agent_pid().is_some_and(|p| p != old) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new agent\n{}",
+            nb.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nb.start_server(config).await;
+    let data: Vec<u8> = (0..5u64 << 20).map(|i| ((i * 13) % 251) as u8).collect();
+    wait_server_file(&nb, "before_crash.bin", &data, Duration::from_secs(60)).await;
+    drop(request);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
