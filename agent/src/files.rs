@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use nbagent_fusefs::copy::{CopyError, Manifest, copy_tree, sync_back};
 use nbagent_fusefs::{
     Backing, BackingError, BackingRequest, ChannelBacking, Fs, FsConfig, Listing, MountOptions,
@@ -478,12 +478,16 @@ async fn read(
     offset: u64,
     len: u32,
     timeout: Duration,
-) -> Result<Vec<u8>, BackingError> {
+) -> Result<Bytes, BackingError> {
     let len = len as usize;
-    let mut out = Vec::new();
-    while out.len() < len {
-        let at = offset + out.len() as u64;
-        let want = u32::try_from((len - out.len()).min(CHUNK * 4)).unwrap_or(u32::MAX);
+    // The usual case is one answer, whose payload (a slice of the channel's read
+    // buffer) is the result itself; more answers are joined.
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    let mut done = 0;
+    while done < len {
+        let at = offset + done as u64;
+        let want = u32::try_from((len - done).min(CHUNK * 4)).unwrap_or(u32::MAX);
         let frame = queries
             .ask(
                 |request| Message::FileRead {
@@ -515,11 +519,16 @@ async fn read(
             Message::FileData { eof, .. } => {
                 check_reply_len(path, frame.payload.len(), want)?;
                 let last = eof || frame.payload.is_empty();
-                if out.is_empty() {
-                    // The usual case, one answer: the payload's buffer itself, no copy.
-                    out = Vec::from(frame.payload);
-                } else {
-                    out.extend_from_slice(&frame.payload);
+                done += frame.payload.len();
+                match &mut joined {
+                    None if first.is_empty() => first = frame.payload,
+                    None => {
+                        let mut j = BytesMut::with_capacity(len);
+                        j.extend_from_slice(&first);
+                        j.extend_from_slice(&frame.payload);
+                        joined = Some(j);
+                    }
+                    Some(j) => j.extend_from_slice(&frame.payload),
                 }
                 if last {
                     break;
@@ -528,7 +537,7 @@ async fn read(
             other => return Err(unexpected("read", &other)),
         }
     }
-    Ok(out)
+    Ok(joined.map_or(first, BytesMut::freeze))
 }
 
 /// Appends `staged` (unchanged from now on, of SHA-256 `version`) to the outbox as

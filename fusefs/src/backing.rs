@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use std::sync::mpsc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use bytes::Bytes;
 use nbagent_protocol::{FileEntry, FileKind, FileRoot};
 use nix::libc;
 use sha2::{Digest, Sha256};
@@ -59,7 +60,7 @@ pub trait Backing: Send + Sync + fmt::Debug {
         version: &str,
         offset: u64,
         len: u32,
-    ) -> Result<Vec<u8>, BackingError>;
+    ) -> Result<Bytes, BackingError>;
     /// Replaces (or creates) `path` with the content of the local file `staged`, whose
     /// SHA-256 (hex) the core computed as `version`; returns the version stored.
     /// `base_version` is the version the writer started from, empty for a new file.
@@ -367,7 +368,7 @@ impl Backing for LocalDir {
         version: &str,
         offset: u64,
         len: u32,
-    ) -> Result<Vec<u8>, BackingError> {
+    ) -> Result<Bytes, BackingError> {
         let tree = self.tree(root)?;
         let full = Self::resolve(tree, path)?;
         let not_found = || BackingError::NotFound {
@@ -402,7 +403,7 @@ impl Backing for LocalDir {
             done += n;
         }
         buf.truncate(done);
-        Ok(buf)
+        Ok(Bytes::from(buf))
     }
 
     fn upload(
@@ -516,7 +517,7 @@ pub enum BackingRequest {
         /// Bytes wanted.
         len: u32,
         /// Answer.
-        reply: Reply<Vec<u8>>,
+        reply: Reply<Bytes>,
     },
     /// [`Backing::upload`].
     Upload {
@@ -668,7 +669,7 @@ impl Backing for ChannelBacking {
         version: &str,
         offset: u64,
         len: u32,
-    ) -> Result<Vec<u8>, BackingError> {
+    ) -> Result<Bytes, BackingError> {
         self.call("read", |reply| BackingRequest::Read {
             root,
             path: path.to_owned(),
@@ -808,7 +809,7 @@ mod tests {
         assert_eq!(v, hash_bytes(b"hello"));
         assert_eq!(
             b.read(FileRoot::Notebook, "sub/a.txt", &v, 1, 3).unwrap(),
-            b"ell"
+            &b"ell"[..]
         );
         assert!(matches!(
             b.read(FileRoot::Notebook, "sub/a.txt", "other", 0, 3),
@@ -874,7 +875,7 @@ mod tests {
         assert_eq!(
             chan.read(FileRoot::Workspace, "a", &l.entries[0].version, 0, 10)
                 .unwrap(),
-            b"abc"
+            &b"abc"[..]
         );
         drop(chan);
         server.join().unwrap();

@@ -2,13 +2,19 @@
 //! bounded local directory, one file per content version (content-addressed), evicted
 //! least-recently-used first. A file whose every byte is present can be handed to the
 //! kernel for FUSE passthrough.
+//!
+//! The buffers of the latest fetches are also kept in memory for a while ([`Recent`]): a
+//! sequential reader mostly waits for a read-ahead fetch, and is then answered with a
+//! slice of its buffer rather than by reading the bytes back from the cache file.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
 
 use crate::backing::hash_bytes;
 use crate::error::{BackingError, FsError, FsResult};
@@ -83,7 +89,9 @@ impl RangeSet {
 }
 
 /// Read-ahead that doubles its window on sequential reads, from `min` up to `max`, and
-/// falls back to `min` on a seek.
+/// falls back to `min` on a seek. A read that starts within the window of where the
+/// last one ended counts as sequential: the kernel's concurrent read-ahead requests
+/// reach the daemon's threads slightly out of order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadAhead {
     next: u64,
@@ -106,12 +114,16 @@ impl ReadAhead {
     /// Records a read of `len` bytes at `offset`; returns how many bytes from `offset` to
     /// fetch.
     pub fn advise(&mut self, offset: u64, len: u64) -> u64 {
-        if offset == self.next && offset != 0 {
-            self.window = (self.window.saturating_mul(2)).min(self.max);
-        } else if offset != self.next {
+        let end = offset.saturating_add(len);
+        if offset.abs_diff(self.next) > self.window {
             self.window = self.min;
+            self.next = end;
+        } else {
+            if offset != 0 {
+                self.window = (self.window.saturating_mul(2)).min(self.max);
+            }
+            self.next = self.next.max(end);
         }
-        self.next = offset.saturating_add(len);
         len.max(self.window)
     }
 
@@ -123,7 +135,7 @@ impl ReadAhead {
 
 /// Fetches up to `len` bytes at `offset` of one content version from the backing; may
 /// be called from several threads at once (read-ahead).
-pub type Fetch = Arc<dyn Fn(u64, u32) -> Result<Vec<u8>, BackingError> + Send + Sync>;
+pub type Fetch = Arc<dyn Fn(u64, u32) -> Result<Bytes, BackingError> + Send + Sync>;
 
 /// The fetches a read starts: see [`plan_fetches`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -193,8 +205,124 @@ pub fn plan_fetches(
     plan
 }
 
+/// Buffers of the latest fetches, by content version (`key`, plus the `generation` of its
+/// cache entry, which changes when the entry is recreated) and offset; at most
+/// `max_bytes`, oldest out first. A sequential reader drops a buffer once it has read its
+/// last byte.
+#[derive(Debug, Default)]
+pub struct Recent {
+    held: VecDeque<Held>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+#[derive(Debug)]
+struct Held {
+    key: String,
+    generation: u64,
+    at: u64,
+    data: Bytes,
+}
+
+impl Held {
+    fn end(&self) -> u64 {
+        self.at + self.data.len() as u64
+    }
+
+    fn is(&self, key: &str, generation: u64) -> bool {
+        self.generation == generation && self.key == key
+    }
+}
+
+impl Recent {
+    /// Keeps at most `max_bytes`.
+    pub fn new(max_bytes: usize) -> Self {
+        Recent {
+            max_bytes,
+            ..Recent::default()
+        }
+    }
+
+    /// Keeps `data`, the bytes at `at` of `key` (entry `generation`), dropping the oldest
+    /// buffers beyond the bound.
+    pub fn insert(&mut self, key: &str, generation: u64, at: u64, data: Bytes) {
+        if data.is_empty() || data.len() > self.max_bytes {
+            return;
+        }
+        self.bytes += data.len();
+        self.held.push_back(Held {
+            key: key.to_owned(),
+            generation,
+            at,
+            data,
+        });
+        while self.bytes > self.max_bytes {
+            let Some(old) = self.held.pop_front() else {
+                break;
+            };
+            self.bytes -= old.data.len();
+        }
+    }
+
+    /// The held parts of `[start, end)` of `key` (entry `generation`), in order, as
+    /// `(offset, bytes)`; buffers whose last byte is in the range are dropped.
+    pub fn take(&mut self, key: &str, generation: u64, start: u64, end: u64) -> Vec<(u64, Bytes)> {
+        let mut out = Vec::new();
+        let mut bytes = self.bytes;
+        self.held.retain(|h| {
+            if !h.is(key, generation) || h.end() <= start || h.at >= end {
+                return true;
+            }
+            let (lo, hi) = (h.at.max(start), h.end().min(end));
+            out.push((lo, h.data.slice((lo - h.at) as usize..(hi - h.at) as usize)));
+            let keep = h.end() > end;
+            if !keep {
+                bytes -= h.data.len();
+            }
+            keep
+        });
+        self.bytes = bytes;
+        out.sort_unstable_by_key(|(at, _)| *at);
+        // Held buffers may overlap (a range fetched twice): keep disjoint parts.
+        let mut next = start;
+        out.retain_mut(|(at, b)| {
+            let stop = *at + b.len() as u64;
+            if stop <= next {
+                return false;
+            }
+            if *at < next {
+                *b = b.slice((next - *at) as usize..);
+                *at = next;
+            }
+            next = stop;
+            true
+        });
+        out
+    }
+
+    /// Forgets every buffer of `key`.
+    pub fn forget(&mut self, key: &str) {
+        let mut bytes = self.bytes;
+        self.held.retain(|h| {
+            let keep = h.key != key;
+            if !keep {
+                bytes -= h.data.len();
+            }
+            keep
+        });
+        self.bytes = bytes;
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
+    /// Distinguishes this entry from an earlier one of the same key.
+    generation: u64,
     file: Arc<File>,
     size: u64,
     present: RangeSet,
@@ -208,6 +336,7 @@ struct Inner {
     entries: HashMap<String, Entry>,
     tick: u64,
     used: u64,
+    recent: Recent,
 }
 
 /// The cache key of a content version: the version itself when it is a SHA-256 in hex,
@@ -260,15 +389,21 @@ impl ContentCache {
                 fs::remove_file(e.path())?;
             }
         }
+        let (chunk, max_in_flight) = (chunk.max(4096), max_in_flight.max(1));
+        // Room for a whole read-ahead window and the chunk being read.
+        let recent = (max_in_flight + 1).saturating_mul(chunk as usize);
         Ok(ContentCache {
             shared: Arc::new(Shared {
                 dir,
                 max_bytes,
-                inner: Mutex::new(Inner::default()),
+                inner: Mutex::new(Inner {
+                    recent: Recent::new(recent),
+                    ..Inner::default()
+                }),
                 fetched: Condvar::new(),
             }),
-            chunk: chunk.max(4096),
-            max_in_flight: max_in_flight.max(1),
+            chunk,
+            max_in_flight,
         })
     }
 
@@ -294,14 +429,15 @@ impl Shared {
         self.dir.join(key)
     }
 
-    fn entry_file(&self, inner: &mut Inner, key: &str, size: u64) -> io::Result<Arc<File>> {
+    /// The cache file of `key` (created if needed) and the generation of its entry.
+    fn entry_file(&self, inner: &mut Inner, key: &str, size: u64) -> io::Result<(Arc<File>, u64)> {
         inner.tick += 1;
         let tick = inner.tick;
         if let Some(e) = inner.entries.get_mut(key)
             && e.size == size
         {
             e.last_used = tick;
-            return Ok(e.file.clone());
+            return Ok((e.file.clone(), e.generation));
         }
         let file = OpenOptions::new()
             .read(true)
@@ -314,6 +450,7 @@ impl Shared {
         if let Some(old) = inner.entries.insert(
             key.to_owned(),
             Entry {
+                generation: tick,
                 file: file.clone(),
                 size,
                 present: RangeSet::default(),
@@ -322,8 +459,9 @@ impl Shared {
             },
         ) {
             inner.used -= old.present.len();
+            inner.recent.forget(key);
         }
-        Ok(file)
+        Ok((file, tick))
     }
 
     fn evict(&self, inner: &mut Inner, keep: &str) {
@@ -337,6 +475,7 @@ impl Shared {
             let Some(victim) = victim else { break };
             if let Some(e) = inner.entries.remove(&victim) {
                 inner.used -= e.present.len();
+                inner.recent.forget(&victim);
                 tracing::debug!(key = %victim, bytes = e.present.len(), "evicting cached content");
                 let _ = fs::remove_file(self.path_of(&victim));
             }
@@ -345,7 +484,7 @@ impl Shared {
 
     /// Records `data`, fetched at `at` into `file` (the entry of `key` when the fetch
     /// started), and ends the fetch that started at `at`.
-    fn store(&self, key: &str, file: &Arc<File>, at: u64, data: &[u8]) {
+    fn store(&self, key: &str, file: &Arc<File>, at: u64, data: &Bytes) {
         let written = match file.write_all_at(data, at) {
             Ok(()) => true,
             Err(e) => {
@@ -365,7 +504,11 @@ impl Shared {
             } else {
                 0
             };
+            let generation = e.generation;
             inner.used += added;
+            if written {
+                inner.recent.insert(key, generation, at, data.clone());
+            }
         }
         self.evict(&mut inner, key);
         drop(inner);
@@ -389,7 +532,9 @@ impl ContentCache {
     /// Reads `len` bytes at `offset` of content `key` of `size` bytes, fetching the
     /// missing parts of `[offset, offset + len)` with `fetch(offset, len)` and starting
     /// background fetches of `[offset, offset + prefetch)` (see [`plan_fetches`]). A part
-    /// another reader or the read-ahead is already fetching is waited for.
+    /// another reader or the read-ahead is already fetching is waited for, and taken from
+    /// its buffer while that is held in memory ([`Recent`]); other parts are read from the
+    /// cache file. A range within one fetched buffer is answered without a copy.
     pub fn read(
         &self,
         key: &str,
@@ -398,18 +543,19 @@ impl ContentCache {
         len: u32,
         prefetch: u64,
         fetch: &Fetch,
-    ) -> FsResult<Vec<u8>> {
+    ) -> FsResult<Bytes> {
         if offset >= size || len == 0 {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let end = size.min(offset.saturating_add(u64::from(len)));
         let ahead_end = size.min(offset.saturating_add(prefetch.max(u64::from(len))));
-        let mut out = vec![0u8; (end - offset) as usize];
-        let mut from_backing = RangeSet::default();
+        // Parts of the answer, by offset, and the ranges they cover.
+        let mut parts: BTreeMap<u64, Bytes> = BTreeMap::new();
+        let mut got = RangeSet::default();
         loop {
             let (file, plan) = {
                 let mut inner = self.lock();
-                let file = self.shared.entry_file(&mut inner, key, size)?;
+                let (file, _) = self.shared.entry_file(&mut inner, key, size)?;
                 let Some(e) = inner.entries.get_mut(key) else {
                     break;
                 };
@@ -441,14 +587,14 @@ impl ContentCache {
                         return Err(err.into());
                     }
                 };
-                let got_end = at + data.len() as u64;
-                // Copy the overlap with the request into the answer.
+                // The overlap with the request is part of the answer.
                 let lo = at.max(offset);
-                let hi = got_end.min(end);
+                let hi = (at + data.len() as u64).min(end);
                 if lo < hi {
-                    out[(lo - offset) as usize..(hi - offset) as usize]
-                        .copy_from_slice(&data[(lo - at) as usize..(hi - at) as usize]);
-                    from_backing.insert(lo, hi);
+                    for (a, b) in got.missing(lo, hi) {
+                        parts.insert(a, data.slice((a - at) as usize..(b - at) as usize));
+                    }
+                    got.insert(lo, hi);
                 }
                 self.shared.store(key, &file, at, &data);
             }
@@ -479,16 +625,21 @@ impl ContentCache {
         }
         let file = {
             let mut inner = self.lock();
-            self.shared.entry_file(&mut inner, key, size)?
+            let (file, generation) = self.shared.entry_file(&mut inner, key, size)?;
+            for (lo, hi) in got.missing(offset, end) {
+                for (at, b) in inner.recent.take(key, generation, lo, hi) {
+                    got.insert(at, at + b.len() as u64);
+                    parts.insert(at, b);
+                }
+            }
+            file
         };
-        for (lo, hi) in from_backing.missing(offset, end) {
-            read_full_at(
-                &file,
-                &mut out[(lo - offset) as usize..(hi - offset) as usize],
-                lo,
-            )?;
+        for (lo, hi) in got.missing(offset, end) {
+            let mut buf = vec![0u8; (hi - lo) as usize];
+            read_full_at(&file, &mut buf, lo)?;
+            parts.insert(lo, Bytes::from(buf));
         }
-        Ok(out)
+        Ok(join_parts(parts, (end - offset) as usize))
     }
 
     /// Fetches `[at, stop)` of `key` on a read-ahead thread.
@@ -556,6 +707,7 @@ impl ContentCache {
         let mut present = RangeSet::default();
         present.insert(0, size);
         let entry = Entry {
+            generation: inner.tick,
             file,
             size,
             present,
@@ -564,6 +716,7 @@ impl ContentCache {
         };
         if let Some(old) = inner.entries.insert(key.to_owned(), entry) {
             inner.used -= old.present.len();
+            inner.recent.forget(key);
         }
         inner.used += size;
         self.evict(&mut inner, key);
@@ -584,6 +737,19 @@ impl ContentCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The answer made of disjoint `parts` (by offset, covering `len` bytes in order): the
+/// one part itself, or a copy of them all.
+fn join_parts(parts: BTreeMap<u64, Bytes>, len: usize) -> Bytes {
+    if parts.len() == 1 {
+        return parts.into_values().next().unwrap_or_default();
+    }
+    let mut out = BytesMut::with_capacity(len);
+    for b in parts.into_values() {
+        out.extend_from_slice(&b);
+    }
+    out.freeze()
 }
 
 /// Reads exactly `buf.len()` bytes at `offset` or fails.
@@ -658,7 +824,7 @@ mod tests {
         let d = data.clone();
         let fetch: Fetch = Arc::new(move |off: u64, len: u32| {
             let end = (off as usize + len as usize).min(d.len());
-            Ok(d[off as usize..end].to_vec())
+            Ok(Bytes::copy_from_slice(&d[off as usize..end]))
         });
         let key = cache_key("seq");
         let size = data.len() as u64;
@@ -677,6 +843,81 @@ mod tests {
         let mut all = vec![0u8; data.len()];
         read_full_at(&file, &mut all, 0).unwrap();
         assert_eq!(all, *data);
+    }
+
+    #[test]
+    fn recent_buffers_answer_reads_and_stay_bounded() {
+        let data: Bytes = (0..=255u8).collect::<Vec<u8>>().into();
+        let mut r = Recent::new(250);
+        r.insert("k", 1, 0, data.slice(0..100));
+        r.insert("k", 1, 100, data.slice(100..200));
+        r.insert("other", 1, 0, data.slice(0..10));
+        assert_eq!(r.bytes(), 210);
+        // Another generation of the key, or a range nothing holds: nothing.
+        assert!(r.take("k", 2, 0, 10).is_empty());
+        assert!(r.take("k", 1, 200, 210).is_empty());
+        // A range inside one buffer is a slice of it, which is kept.
+        let got = r.take("k", 1, 10, 20);
+        assert_eq!(got, vec![(10, data.slice(10..20))]);
+        assert_eq!(r.bytes(), 210);
+        // A range across two buffers: both parts, in order; the first buffer, read to
+        // its end, is dropped.
+        let got = r.take("k", 1, 90, 110);
+        assert_eq!(
+            got,
+            vec![(90, data.slice(90..100)), (100, data.slice(100..110))]
+        );
+        assert_eq!(r.bytes(), 110);
+        assert!(r.take("k", 1, 0, 10).is_empty());
+        // The bound drops the oldest buffers; a buffer over the bound is not kept.
+        r.insert("k", 1, 200, data.slice(200..256));
+        r.insert("k", 1, 0, data.slice(0..100));
+        assert_eq!(r.bytes(), 166);
+        assert!(r.take("k", 1, 100, 110).is_empty());
+        assert_eq!(r.take("other", 1, 0, 10), vec![(0, data.slice(0..10))]);
+        assert_eq!(r.bytes(), 156);
+        r.insert("big", 1, 0, Bytes::from(vec![0; 251]));
+        assert_eq!(r.bytes(), 156);
+        // Overlapping buffers give disjoint parts.
+        r.insert("k", 1, 50, data.slice(50..150));
+        let got = r.take("k", 1, 40, 160);
+        assert_eq!(
+            got,
+            vec![(40, data.slice(40..100)), (100, data.slice(100..150))]
+        );
+        r.forget("k");
+        assert_eq!(r.bytes(), 0);
+    }
+
+    #[test]
+    fn a_waiting_reader_is_answered_from_the_fetched_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ContentCache::new(dir.path(), 1 << 30, 4096, 4).unwrap();
+        let data: Bytes = (0..16384u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        let d = data.clone();
+        let fetch: Fetch = Arc::new(move |off: u64, len: u32| {
+            let end = (off as usize + len as usize).min(d.len());
+            Ok(d.slice(off as usize..end))
+        });
+        let key = cache_key("mem");
+        let size = data.len() as u64;
+        // The first read fetches its range and starts the read-ahead of the next chunks.
+        let got = cache.read(&key, size, 0, 4096, 16384, &fetch).unwrap();
+        assert_eq!(got, data.slice(0..4096));
+        // Reads inside a fetched chunk are slices of the fetched buffer itself.
+        let got = cache.read(&key, size, 4096, 1000, 16384, &fetch).unwrap();
+        assert_eq!(got, data.slice(4096..5096));
+        assert_eq!(got.as_ptr(), data[4096..].as_ptr(), "no copy");
+        // A read across two chunks is joined.
+        let got = cache.read(&key, size, 8000, 1000, 16384, &fetch).unwrap();
+        assert_eq!(got, data.slice(8000..9000));
+        // Once the buffers are gone the cache file answers.
+        cache.lock().recent.forget(&key);
+        let got = cache.read(&key, size, 10_000, 4000, 16384, &fetch).unwrap();
+        assert_eq!(got, data.slice(10_000..14_000));
     }
 
     #[test]
@@ -704,6 +945,12 @@ mod tests {
         assert_eq!(ra.advise(30, 10), 800);
         assert_eq!(ra.advise(40, 10), 1000);
         assert_eq!(ra.advise(5000, 10), 100);
+        // Requests swapped by concurrent threads keep the window growing.
+        let mut ra = ReadAhead::new(100, 1000);
+        assert_eq!(ra.advise(0, 50), 100);
+        assert_eq!(ra.advise(100, 50), 200);
+        assert_eq!(ra.advise(50, 50), 400);
+        assert_eq!(ra.advise(150, 50), 800);
     }
 
     #[test]
@@ -716,7 +963,7 @@ mod tests {
         let fetch: Fetch = Arc::new(move |off: u64, len: u32| {
             c.fetch_add(1, Ordering::SeqCst);
             let end = (off as usize + len as usize).min(d.len());
-            Ok(d[off as usize..end].to_vec())
+            Ok(Bytes::copy_from_slice(&d[off as usize..end]))
         });
         let k1 = cache_key("one");
         assert_eq!(

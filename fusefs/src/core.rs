@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use nbagent_protocol::{FileKind, FileRoot};
 
 use crate::backing::{self, Backing, DEFAULT_MAX_ENTRIES, Listing};
@@ -1120,7 +1121,7 @@ impl Fs {
     }
 
     /// Reads from an open file.
-    pub fn read(&self, fh: u64, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+    pub fn read(&self, fh: u64, offset: u64, len: u32) -> FsResult<Bytes> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let (ino, plan) = {
             let mut st = self.lock();
@@ -1141,12 +1142,12 @@ impl Fs {
             Err(file) => {
                 let size = file.metadata()?.len();
                 if offset >= size {
-                    return Ok(Vec::new());
+                    return Ok(Bytes::new());
                 }
                 let n = (size - offset).min(u64::from(len)) as usize;
                 let mut buf = vec![0u8; n];
                 read_full_at(&file, &mut buf, offset)?;
-                Ok(buf)
+                Ok(Bytes::from(buf))
             }
             Ok((rel, version, size, prefetch)) => {
                 let fetch = self.fetcher(&rel, &version);

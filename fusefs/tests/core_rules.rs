@@ -76,8 +76,15 @@ impl Backing for Fixed {
             entries: self.0.clone(),
         })
     }
-    fn read(&self, _: FileRoot, _: &str, _: &str, _: u64, _: u32) -> Result<Vec<u8>, BackingError> {
-        Ok(Vec::new())
+    fn read(
+        &self,
+        _: FileRoot,
+        _: &str,
+        _: &str,
+        _: u64,
+        _: u32,
+    ) -> Result<bytes::Bytes, BackingError> {
+        Ok(bytes::Bytes::new())
     }
     fn upload(
         &self,
@@ -166,7 +173,7 @@ fn read_only_tree_refuses_every_mutation() {
     erofs(fs.rename(ROOT_INO, OsStr::new("f"), ROOT_INO, OsStr::new("g"), false));
     // Reading works.
     let o = fs.open(f.ino, OpenMode::default()).unwrap();
-    assert_eq!(fs.read(o.fh, 0, 10).unwrap(), b"x");
+    assert_eq!(fs.read(o.fh, 0, 10).unwrap(), &b"x"[..]);
     fs.release(o.fh).unwrap();
 }
 
@@ -239,7 +246,7 @@ fn unlinked_open_file_stays_readable_and_writes_stage_until_flush() {
         "the uploaded staging copy is the cached content"
     );
     fs.unlink(ROOT_INO, OsStr::new("a")).unwrap();
-    assert_eq!(fs.read(r.fh, 0, 100).unwrap(), b"hello world");
+    assert_eq!(fs.read(r.fh, 0, 100).unwrap(), &b"hello world"[..]);
     fs.release(r.fh).unwrap();
 }
 
@@ -314,7 +321,7 @@ impl Backing for Linking {
         version: &str,
         offset: u64,
         len: u32,
-    ) -> Result<Vec<u8>, BackingError> {
+    ) -> Result<bytes::Bytes, BackingError> {
         self.inner.read(root, path, version, offset, len)
     }
     fn upload(

@@ -301,7 +301,7 @@ impl Harness {
                 let opened = self.fs.open(ino, OpenMode::default()).map_err(e)?;
                 let data = self.fs.read(opened.fh, 0, 1 << 20).map_err(e)?;
                 self.fs.release(opened.fh).map_err(e)?;
-                return Ok(Some(data));
+                return Ok(Some(data.to_vec()));
             }
             Op::Tick => self.clock.advance(Duration::from_secs(61)),
         }
@@ -332,7 +332,7 @@ impl Harness {
                         let data = self.fs.read(opened.fh, 0, 1 << 20).unwrap();
                         self.fs.release(opened.fh).unwrap();
                         assert_eq!(data.len() as u64, ent.attr.size, "size of {path}");
-                        out.insert(path, Node::File(data));
+                        out.insert(path, Node::File(data.to_vec()));
                     }
                 }
             }

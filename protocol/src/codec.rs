@@ -157,10 +157,18 @@ pub fn encode_header(envelope: &Envelope) -> Bytes {
 /// negotiated; use [`check_limits`] when the payload comes from elsewhere.
 pub fn encode_raw(header: &[u8], payload: &[u8], dst: &mut BytesMut) {
     dst.reserve(PREFIX_LEN + header.len() + payload.len());
-    dst.put_u32(len_u32(header.len()));
-    dst.put_u32(len_u32(payload.len()));
-    dst.put_slice(header);
+    encode_head(header, payload.len(), dst);
     dst.put_slice(payload);
+}
+
+/// Appends the prefix and header of a frame whose payload has `payload_len` bytes to
+/// `dst`: what [`encode_raw`] writes before the payload, for a sender that writes the
+/// payload from its own buffer.
+pub fn encode_head(header: &[u8], payload_len: usize, dst: &mut BytesMut) {
+    dst.reserve(PREFIX_LEN + header.len());
+    dst.put_u32(len_u32(header.len()));
+    dst.put_u32(len_u32(payload_len));
+    dst.put_slice(header);
 }
 
 /// Returns an error if a frame with these sizes would be refused by a peer using `limits`.

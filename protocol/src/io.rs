@@ -94,8 +94,19 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Res
     write_raw(w, &raw).await
 }
 
+/// Payloads at least this large are written from their own buffer after the prefix and
+/// header, rather than copied next to them first.
+const COPY_PAYLOAD_BELOW: usize = 64 * 1024;
+
 /// Writes one already-encoded frame (not flushed).
 pub async fn write_raw<W: AsyncWrite + Unpin>(w: &mut W, raw: &RawFrame) -> Result<(), IoError> {
+    if raw.payload.len() >= COPY_PAYLOAD_BELOW {
+        let mut head = BytesMut::new();
+        codec::encode_head(&raw.header, raw.payload.len(), &mut head);
+        w.write_all(&head).await?;
+        w.write_all(&raw.payload).await?;
+        return Ok(());
+    }
     let mut buf = BytesMut::with_capacity(raw.wire_len());
     codec::encode_raw(&raw.header, &raw.payload, &mut buf);
     w.write_all(&buf).await?;

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -308,9 +308,17 @@ impl BlobStore {
         let size = file.metadata().map_err(io_err("stat", &path))?.len();
         let start = offset.min(size);
         let want = usize::try_from((size - start).min(len as u64)).unwrap_or(len);
-        let mut buf = vec![0u8; want];
-        file.read_exact_at(&mut buf, start)
+        // Read into spare capacity: the buffer is not zeroed first.
+        let mut buf = Vec::with_capacity(want);
+        let mut file = &file;
+        file.seek(io::SeekFrom::Start(start))
+            .and_then(|_| file.take(want as u64).read_to_end(&mut buf))
             .map_err(io_err("read", &path))?;
+        if buf.len() != want {
+            return Err(io_err("read", &path)(io::Error::from(
+                io::ErrorKind::UnexpectedEof,
+            )));
+        }
         Ok((buf, start + want as u64 >= size))
     }
 
