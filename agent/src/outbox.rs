@@ -338,7 +338,8 @@ pub struct AttachmentStager {
 
 impl AttachmentStager {
     /// Links `src` into the outbox directory (copies it where linking fails, e.g.
-    /// across filesystems) and syncs it when the fsync policy is not `Never`.
+    /// across filesystems) and syncs it under [`FsyncPolicy::EveryAppend`] (under
+    /// `Periodic` the next [`Outbox::sync`] or [`Outbox::take_unsynced`] covers it).
     pub fn prepare(&self, src: &Path) -> Result<Attachment, OutboxError> {
         let path = self
             .dir
@@ -402,6 +403,8 @@ pub struct Outbox {
     cache: VecDeque<(u64, Stored)>,
     /// Attachments still needed: id (its first record's number) -> its last record.
     attachments: std::collections::BTreeMap<u64, u64>,
+    /// Attachments appended under [`FsyncPolicy::Periodic`] and not synced since.
+    unsynced: Vec<PathBuf>,
     cache_bytes: usize,
     pending_bytes: u64,
     /// Watermark last written to `<dir>/acked`.
@@ -457,6 +460,7 @@ impl Outbox {
             active: None,
             cache: VecDeque::new(),
             attachments,
+            unsynced: Vec::new(),
             cache_bytes: 0,
             pending_bytes: 0,
             persisted_acked: watermark,
@@ -580,7 +584,7 @@ impl Outbox {
     pub fn attachment_stager(&self) -> AttachmentStager {
         AttachmentStager {
             dir: self.config.dir.clone(),
-            durable: self.config.fsync != FsyncPolicy::Never,
+            durable: self.config.fsync == FsyncPolicy::EveryAppend,
         }
     }
 
@@ -700,6 +704,9 @@ impl Outbox {
         let last = self.window.last_assigned();
         self.pending_bytes += total;
         self.attachments.insert(first, last);
+        if self.config.fsync == FsyncPolicy::Periodic {
+            self.unsynced.push(final_path);
+        }
         if let Err(source) = synced {
             self.poisoned = true;
             return Err(OutboxError::Io {
@@ -1037,10 +1044,17 @@ impl Outbox {
     /// Flushes appended records to stable storage (`fsync` of the current segment)
     /// and writes the acked watermark. For [`FsyncPolicy::Periodic`].
     pub fn sync(&mut self) -> Result<(), OutboxError> {
+        sync_attachments(&self.take_unsynced())?;
         if let (Some(file), Some(seg)) = (&self.active, self.segments.back()) {
             file.sync_data().map_err(io_err("syncing", &seg.path))?;
         }
         self.persist_watermark(false)
+    }
+
+    /// The attachments appended since the last sync, for a periodic `fsync` without
+    /// the outbox's lock ([`sync_attachments`]), before the segment's.
+    pub fn take_unsynced(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.unsynced)
     }
 
     /// A second handle on the active segment, so that a periodic `fsync` can run
@@ -1116,6 +1130,18 @@ impl Drop for Outbox {
             tracing::warn!(error = %e, "cannot write the outbox's acked watermark on close");
         }
     }
+}
+
+/// Fsyncs attachments; one already deleted (all its records acked) needs nothing.
+pub fn sync_attachments(paths: &[PathBuf]) -> Result<(), OutboxError> {
+    for path in paths {
+        match File::open(path) {
+            Ok(f) => f.sync_data().map_err(io_err("syncing", path))?,
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("opening", path)(e)),
+        }
+    }
+    Ok(())
 }
 
 fn lock_dir(dir: &Path) -> Result<Flock<File>, OutboxError> {

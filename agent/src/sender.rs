@@ -116,21 +116,34 @@ impl Shared {
     }
 }
 
-/// Fsyncs the outbox's active segment without holding the outbox lock, on a blocking
-/// thread: producers and the channel go on meanwhile.
+/// Fsyncs the attachments appended since the last call, then the outbox's active
+/// segment, without holding the outbox lock, on a blocking thread: producers and the
+/// channel go on meanwhile.
 pub async fn sync_outbox(shared: &Shared) -> Result<(), OutboxError> {
-    let Some(file) = shared.outbox().sync_handle()? else {
-        return Ok(());
+    let (attachments, segment) = {
+        let mut outbox = shared.outbox();
+        (outbox.take_unsynced(), outbox.sync_handle()?)
     };
-    tokio::task::spawn_blocking(move || file.sync_data())
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .map_err(|source| OutboxError::Io {
-            op: "syncing",
-            path: "outbox segment".into(),
-            source,
-        })
+    if attachments.is_empty() && segment.is_none() {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || {
+        crate::outbox::sync_attachments(&attachments)?;
+        if let Some(file) = segment {
+            file.sync_data().map_err(|source| OutboxError::Io {
+                op: "syncing",
+                path: "outbox segment".into(),
+                source,
+            })?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| OutboxError::Io {
+        op: "syncing",
+        path: "outbox".into(),
+        source: std::io::Error::other(e),
+    })?
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

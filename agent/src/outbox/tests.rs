@@ -749,3 +749,30 @@ fn a_full_outbox_keeps_the_attachment_for_a_retry() {
     assert_eq!(frames.len(), 2);
     assert_eq!(decode(&frames[1].1).1.as_ref(), &[1u8; 150]);
 }
+
+#[test]
+fn periodic_policy_syncs_attachments_later_not_at_append() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("outbox");
+    let mut c = config(&dir);
+    c.fsync = FsyncPolicy::Periodic;
+    let mut ob = Outbox::open(c).unwrap();
+    let (_, mut att) = attachment(&ob, tmp.path(), "src", &[3u8; 64]);
+    ob.append_attached(&mut att, &[(blob(1), 0, 64)]).unwrap();
+    let pending = ob.take_unsynced();
+    assert_eq!(pending, vec![dir.join(format!("{ATT_PREFIX}{:020}", 1))]);
+    assert!(ob.take_unsynced().is_empty(), "taken once");
+    sync_attachments(&pending).unwrap();
+    // An attachment acked and deleted before the sync needs nothing.
+    let (_, mut att) = attachment(&ob, tmp.path(), "src2", &[4u8; 64]);
+    ob.append_attached(&mut att, &[(blob(2), 0, 64)]).unwrap();
+    ob.ack(2).unwrap();
+    ob.sync().unwrap();
+    assert!(ob.take_unsynced().is_empty());
+    // Under the default policy nothing is kept for syncing.
+    drop(ob);
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    let (_, mut att) = attachment(&ob, tmp.path(), "src3", &[5u8; 64]);
+    ob.append_attached(&mut att, &[(blob(3), 0, 64)]).unwrap();
+    assert!(ob.take_unsynced().is_empty());
+}
