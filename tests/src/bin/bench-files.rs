@@ -136,9 +136,8 @@
 //!   the file once and hard-links it into the outbox as an attachment whose records
 //!   reference its ranges (no copy; sealed against later writers); under the default
 //!   periodic fsync policy the attachment is synced by the periodic sync, not in the
-//!   close (an fsync of 1 GiB there took another 0.5 s). In the same conditions the
-//!   three steps measured 0.20 GB/s (46%, native 0.43 GB/s under writeback of the
-//!   earlier phases), 0.62 GB/s with the fsync in the close, 0.96 GB/s now. What is
+//!   close (with that fsync in the close, the same run gave 0.62 GB/s, the close taking
+//!   1.31 s). What is
 //!   left is the hash itself: SHA-256 runs at ~1.5 GB/s here (SHA-NI, the same speed as
 //!   OpenSSL), ~0.7 s per GiB, and the version is the content hash that every
 //!   `file_chunk` header and the core's cache key need. Meeting 50% of a page-cache
