@@ -1043,25 +1043,31 @@ impl Fs {
                 (self.cache.complete(&key, size), false, true)
             }
         };
-        let fh = st.next_fh;
-        st.next_fh += 1;
-        st.handles.insert(
-            fh,
-            Handle {
-                ino,
-                write: mode.write,
-                readahead: ReadAhead::new(self.config.readahead_min, self.config.readahead_max),
-            },
-        );
-        if let Some(n) = st.inodes.get_mut(&ino) {
-            n.open += 1;
-        }
+        let fh = self.new_handle(&mut st, ino, mode.write);
         Ok(Opened {
             fh,
             local,
             staged,
             keep_cache,
         })
+    }
+
+    /// Registers an open handle of `ino`.
+    fn new_handle(&self, st: &mut State, ino: u64, write: bool) -> u64 {
+        let fh = st.next_fh;
+        st.next_fh += 1;
+        st.handles.insert(
+            fh,
+            Handle {
+                ino,
+                write,
+                readahead: ReadAhead::new(self.config.readahead_min, self.config.readahead_max),
+            },
+        );
+        if let Some(n) = st.inodes.get_mut(&ino) {
+            n.open += 1;
+        }
+        fh
     }
 
     /// Creates and opens a new empty file (counts a lookup).
@@ -1094,18 +1100,8 @@ impl Fs {
             sealed: false,
         });
         let ino = self.insert_child(&mut st, parent, name, FileKind::File, content, false);
-        let fh = st.next_fh;
-        st.next_fh += 1;
-        st.handles.insert(
-            fh,
-            Handle {
-                ino,
-                write: mode.write,
-                readahead: ReadAhead::new(self.config.readahead_min, self.config.readahead_max),
-            },
-        );
+        let fh = self.new_handle(&mut st, ino, mode.write);
         if let Some(n) = st.inodes.get_mut(&ino) {
-            n.open += 1;
             n.lookups += 1;
         }
         let attr = self.attr_of(&st, ino)?;

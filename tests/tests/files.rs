@@ -133,6 +133,37 @@ async fn wait_server_file(nb: &Notebook, path: &str, want: &[u8], timeout: Durat
     }
 }
 
+/// The summary the kernel writes from [`SALES`] (`summary.csv`).
+const SUMMARY_CSV: &str = "city,units,price,revenue\nBerlin,120,9.5,1140.0\nPrague,95,8.0,760.0\nAmsterdam,143,10.25,1465.75\n";
+
+/// The sha256 the kernel printed for the `summary.csv` it wrote, checked against
+/// [`SUMMARY_CSV`].
+fn summary_sha(out: &str) -> String {
+    let sha = out
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256 "))
+        .expect("sha256 line")
+        .to_owned();
+    assert_eq!(sha, sha256_hex(SUMMARY_CSV.as_bytes()));
+    sha
+}
+
+/// Waits until the server has `summary.csv` with the kernel's bytes, recorded with
+/// `version` as its version and the right size.
+async fn assert_summary_saved(nb: &Notebook, version: &str, timeout: Duration) {
+    wait_server_file(nb, "summary.csv", SUMMARY_CSV.as_bytes(), timeout).await;
+    let record = nb
+        .server
+        .state
+        .store
+        .file(&nb.agent, "notebook", "summary.csv")
+        .await
+        .unwrap()
+        .expect("summary.csv recorded");
+    assert_eq!(record.version, version);
+    assert_eq!(record.size, SUMMARY_CSV.len() as u64);
+}
+
 /// The reference summary the kernel computes from [`SALES`].
 const SUMMARY_CODE: &str = r#"
 import pandas as pd, hashlib, os
@@ -171,30 +202,8 @@ async fn mounted_files_read_write_and_refuse() {
         out.contains("owner True"),
         "files belong to the notebook user: {out}"
     );
-    let kernel_sha = out
-        .lines()
-        .find_map(|l| l.strip_prefix("sha256 "))
-        .expect("sha256 line")
-        .to_owned();
-    let expected = "city,units,price,revenue\nBerlin,120,9.5,1140.0\nPrague,95,8.0,760.0\nAmsterdam,143,10.25,1465.75\n";
-    assert_eq!(kernel_sha, sha256_hex(expected.as_bytes()));
-    wait_server_file(
-        &nb,
-        "summary.csv",
-        expected.as_bytes(),
-        Duration::from_secs(20),
-    )
-    .await;
-    let record = nb
-        .server
-        .state
-        .store
-        .file(&nb.agent, "notebook", "summary.csv")
-        .await
-        .unwrap()
-        .expect("summary.csv recorded");
-    assert_eq!(record.version, kernel_sha);
-    assert_eq!(record.size, expected.len() as u64);
+    let kernel_sha = summary_sha(&out);
+    assert_summary_saved(&nb, &kernel_sha, Duration::from_secs(20)).await;
 
     // The workspace tree is read-only: EROFS (errno 30), for new and existing files.
     let out = nb
@@ -426,11 +435,10 @@ async fn copy_mode_copies_in_and_syncs_back_at_shutdown() {
         "{status:?}\n--- log:\n{}",
         nb.log_tail()
     );
-    let expected = "city,units,price,revenue\nBerlin,120,9.5,1140.0\nPrague,95,8.0,760.0\nAmsterdam,143,10.25,1465.75\n";
     wait_server_file(
         &nb,
         "summary.csv",
-        expected.as_bytes(),
+        SUMMARY_CSV.as_bytes(),
         Duration::from_secs(5),
     )
     .await;
@@ -634,13 +642,7 @@ async fn auto_mode_copies_when_the_fuse_device_is_missing() {
     let out = nb.stdout(&format!("NB = {nbdir:?}\n{SUMMARY_CODE}")).await;
     assert!(out.contains("revenue 3365.75"), "{out}");
     assert!(out.contains("owner True"), "{out}");
-    let expected = "city,units,price,revenue\nBerlin,120,9.5,1140.0\nPrague,95,8.0,760.0\nAmsterdam,143,10.25,1465.75\n";
-    let kernel_sha = out
-        .lines()
-        .find_map(|l| l.strip_prefix("sha256 "))
-        .expect("sha256 line")
-        .to_owned();
-    assert_eq!(kernel_sha, sha256_hex(expected.as_bytes()));
+    let kernel_sha = summary_sha(&out);
     assert!(
         nb.server
             .state
@@ -662,20 +664,5 @@ async fn auto_mode_copies_when_the_fuse_device_is_missing() {
         "{status:?}\n--- log:\n{}",
         nb.log_tail()
     );
-    wait_server_file(
-        &nb,
-        "summary.csv",
-        expected.as_bytes(),
-        Duration::from_secs(5),
-    )
-    .await;
-    let record = nb
-        .server
-        .state
-        .store
-        .file(&nb.agent, "notebook", "summary.csv")
-        .await
-        .unwrap()
-        .expect("summary.csv recorded");
-    assert_eq!(record.version, kernel_sha);
+    assert_summary_saved(&nb, &kernel_sha, Duration::from_secs(5)).await;
 }
