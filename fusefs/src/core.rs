@@ -759,10 +759,15 @@ impl Fs {
             })?;
             (snap.clone(), version, Some(snap))
         };
-        if !base.is_empty() && version == base {
-            if let Some(snap) = snapshot {
-                let _ = fs::remove_file(snap);
-            }
+        let unchanged = !base.is_empty() && version == base;
+        let uploaded = (!unchanged).then(|| {
+            self.backing
+                .upload(self.config.root, &rel, &base, &src, &version)
+        });
+        if let Some(snap) = snapshot {
+            let _ = fs::remove_file(snap);
+        }
+        let Some(uploaded) = uploaded else {
             if let Some(Inode {
                 content: Content::Staged(s),
                 ..
@@ -771,13 +776,7 @@ impl Fs {
                 s.dirty = !frozen;
             }
             return Ok(());
-        }
-        let uploaded = self
-            .backing
-            .upload(self.config.root, &rel, &base, &src, &version);
-        if let Some(snap) = snapshot {
-            let _ = fs::remove_file(snap);
-        }
+        };
         let version = uploaded
             .inspect_err(|e| tracing::warn!(ino, path = %rel, error = %e, "upload failed"))?;
         tracing::debug!(ino, path = %rel, version = %version, "uploaded");
@@ -1427,15 +1426,19 @@ impl Fs {
     }
 }
 
-/// Copies the first `len` bytes of `from` into `to`.
+/// Copies the first `len` bytes of `from` into `to`, in the kernel
+/// (`copy_file_range`, positional: the descriptors' offsets are left alone).
 fn copy_range(from: &File, to: &File, len: u64) -> FsResult<()> {
-    let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(buf.len() as u64) as usize;
-        read_full_at(from, &mut buf[..n], at)?;
-        to.write_all_at(&buf[..n], at)?;
-        at += n as u64;
+    let (mut off_in, mut off_out) = (0i64, 0i64);
+    while (off_in as u64) < len {
+        let want = usize::try_from(len - off_in as u64).unwrap_or(usize::MAX);
+        let n = nix::fcntl::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want)
+            .map_err(std::io::Error::from)?;
+        if n == 0 {
+            return Err(FsError::Io(std::io::Error::from(
+                std::io::ErrorKind::UnexpectedEof,
+            )));
+        }
     }
     Ok(())
 }
