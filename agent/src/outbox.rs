@@ -532,41 +532,11 @@ impl Outbox {
         self.buf.clear();
         record::encode(seq, &header, payload, &mut self.buf);
         let mut rec = self.buf.split().freeze();
-        let Some(seg) = self.segments.back_mut() else {
-            return Err(OutboxError::Poisoned);
-        };
-        let Some(file) = self.active.as_mut() else {
-            return Err(OutboxError::Poisoned);
-        };
-        if let Err(source) = file.write_all(&rec) {
-            // Remove a partial record so later appends do not follow garbage.
-            if let Err(e) = file.set_len(seg.len) {
-                tracing::error!(path = %seg.path.display(), error = %e, "cannot remove a partial outbox record");
-                self.poisoned = true;
-            }
-            return Err(OutboxError::Io {
-                op: "appending to",
-                path: seg.path.clone(),
-                source,
-            });
-        }
-        seg.starts.push(seg.len);
-        seg.len += len;
+        self.write_records(&rec, &[len])?;
         let assigned = self.window.assign();
         debug_assert_eq!(assigned, seq);
         self.pending_bytes += len;
-        if self.config.fsync == FsyncPolicy::EveryAppend
-            && let Err(source) = file.sync_data()
-        {
-            // The record is written but may not be durable, and the state of the
-            // page cache after a failed fsync is unknown: stop here.
-            self.poisoned = true;
-            return Err(OutboxError::Io {
-                op: "syncing",
-                path: seg.path.clone(),
-                source,
-            });
-        }
+        self.sync_every_append(false)?;
 
         let frame = rec.split_off(record::HEADER_LEN);
         self.cache_push(
@@ -660,34 +630,13 @@ impl Outbox {
         let final_path = attachment_path(&self.config.dir, first);
         fs::rename(&att.path, &final_path).map_err(io_err("renaming", &att.path))?;
         let recs = self.buf.split().freeze();
-        let (Some(seg), Some(file)) = (self.segments.back_mut(), self.active.as_mut()) else {
-            return Err(OutboxError::Poisoned);
-        };
-        if let Err(source) = file.write_all(&recs) {
-            if let Err(e) = file.set_len(seg.len) {
-                tracing::error!(path = %seg.path.display(), error = %e, "cannot remove partial outbox records");
-                self.poisoned = true;
-            }
+        if let Err(e) = self.write_records(&recs, &lens) {
             if fs::rename(&final_path, &att.path).is_err() {
                 let _ = fs::remove_file(&final_path);
             }
-            return Err(OutboxError::Io {
-                op: "appending to",
-                path: seg.path.clone(),
-                source,
-            });
+            return Err(e);
         }
-        let synced = if self.config.fsync == FsyncPolicy::EveryAppend {
-            file.sync_data()
-                .and_then(|()| File::open(&self.config.dir).and_then(|d| d.sync_all()))
-        } else {
-            Ok(())
-        };
         att.appended = true;
-        for len in &lens {
-            seg.starts.push(seg.len);
-            seg.len += len;
-        }
         let mut at = 0usize;
         for len in lens.iter().map(|&l| l as usize) {
             let seq = self.window.assign();
@@ -707,15 +656,61 @@ impl Outbox {
         if self.config.fsync == FsyncPolicy::Periodic {
             self.unsynced.push(final_path);
         }
-        if let Err(source) = synced {
-            self.poisoned = true;
+        // The attachment's new name is durable with the directory.
+        self.sync_every_append(true)?;
+        Ok(last)
+    }
+
+    /// Writes whole records (of lengths `lens`) to the active segment and indexes
+    /// them. If the write fails, what was written is removed so later appends do not
+    /// follow garbage; if that fails too, the outbox is poisoned.
+    fn write_records(&mut self, recs: &[u8], lens: &[u64]) -> Result<(), OutboxError> {
+        let (Some(seg), Some(file)) = (self.segments.back_mut(), self.active.as_mut()) else {
+            return Err(OutboxError::Poisoned);
+        };
+        if let Err(source) = file.write_all(recs) {
+            if let Err(e) = file.set_len(seg.len) {
+                tracing::error!(path = %seg.path.display(), error = %e, "cannot remove a partial outbox record");
+                self.poisoned = true;
+            }
             return Err(OutboxError::Io {
-                op: "syncing",
-                path: self.config.dir.clone(),
+                op: "appending to",
+                path: seg.path.clone(),
                 source,
             });
         }
-        Ok(last)
+        for len in lens {
+            seg.starts.push(seg.len);
+            seg.len += len;
+        }
+        Ok(())
+    }
+
+    /// Under [`FsyncPolicy::EveryAppend`], syncs the active segment (and the directory
+    /// if `dir`). The records are written but may not be durable after a failure, and
+    /// the state of the page cache after a failed fsync is unknown: the outbox is then
+    /// poisoned.
+    fn sync_every_append(&mut self, dir: bool) -> Result<(), OutboxError> {
+        if self.config.fsync != FsyncPolicy::EveryAppend {
+            return Ok(());
+        }
+        let (Some(seg), Some(file)) = (self.segments.back(), self.active.as_ref()) else {
+            return Err(OutboxError::Poisoned);
+        };
+        let synced = file
+            .sync_data()
+            .map_err(io_err("syncing", &seg.path))
+            .and_then(|()| {
+                if dir {
+                    sync_dir(&self.config.dir)
+                } else {
+                    Ok(())
+                }
+            });
+        if synced.is_err() {
+            self.poisoned = true;
+        }
+        synced
     }
 
     /// Makes sure the last segment can take a record of `len` bytes numbered `seq`:
