@@ -29,13 +29,14 @@ use bytes::{Bytes, BytesMut};
 use nbagent_fusefs::copy::{CopyError, Manifest, copy_tree, sync_back};
 use nbagent_fusefs::{
     Backing, BackingError, BackingRequest, ChannelBacking, Fs, FsConfig, Listing, MountOptions,
-    Mounted, SystemClock, detach_stale, mount,
+    Mounted, SystemClock, Ticket, detach_stale, mount,
 };
 use nbagent_protocol::{FileEntry, FileKind, FileRoot, Message};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::channel::{Queries, QueryError};
+use crate::outbox::Attachment;
 use crate::sender::{Sender, Shared};
 
 /// Bytes per `file_chunk` (and most asked per `file_read`).
@@ -253,7 +254,33 @@ impl Pending {
     }
 }
 
-/// Answers the requests of a [`ChannelBacking`] until its senders are gone.
+/// What the outbox keeps with a file handed over for upload
+/// ([`crate::outbox::AttachmentStager::hold`]), so that an agent restarted after a
+/// crash can upload it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HeldNote {
+    root: FileRoot,
+    path: String,
+    base_version: String,
+}
+
+/// A file handed over and not uploaded yet.
+#[derive(Debug)]
+struct Handed {
+    note: HeldNote,
+    file: Attachment,
+}
+
+/// State shared by the answers of [`serve`].
+#[derive(Debug, Default)]
+struct Served {
+    pending: Mutex<Pending>,
+    handed: Mutex<HashMap<Ticket, Handed>>,
+    next_ticket: std::sync::atomic::AtomicU64,
+}
+
+/// Answers the requests of a [`ChannelBacking`] until its senders are gone. Files
+/// handed over before a crash of the agent (held in the outbox) are uploaded first.
 pub async fn serve(
     mut requests: mpsc::Receiver<BackingRequest>,
     queries: Queries,
@@ -261,16 +288,36 @@ pub async fn serve(
     shared: Arc<Shared>,
     limits: ServeLimits,
 ) {
-    let pending = Arc::new(Mutex::new(Pending::default()));
+    let served = Arc::new(Served::default());
+    let held = shared.outbox().take_held();
+    for (file, note) in held {
+        let note: HeldNote = match serde_json::from_slice(&note) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(path = %file.path().display(), error = %e, "held file with an unreadable note; dropped");
+                file.release();
+                continue;
+            }
+        };
+        let (root, path) = (note.root, note.path.clone());
+        match upload_handed(&sender, &served, Handed { note, file }).await {
+            Ok(version) => {
+                info!(?root, %path, %version, "file closed before the agent restarted queued for upload")
+            }
+            Err(e) => {
+                warn!(?root, %path, error = %e, "file closed before the agent restarted could not be queued")
+            }
+        }
+    }
     while let Some(req) = requests.recv().await {
-        let (queries, sender, shared, pending) = (
+        let (queries, sender, shared, served) = (
             queries.clone(),
             sender.clone(),
             shared.clone(),
-            pending.clone(),
+            served.clone(),
         );
         tokio::spawn(async move {
-            answer(req, &queries, &sender, &shared, &pending, limits).await;
+            answer(req, &queries, &sender, &shared, &served, limits).await;
         });
     }
 }
@@ -289,7 +336,7 @@ fn unexpected(op: &'static str, msg: &Message) -> BackingError {
     }
 }
 
-fn lock(p: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+fn lock<T>(p: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -298,9 +345,10 @@ async fn answer(
     queries: &Queries,
     sender: &Sender,
     shared: &Shared,
-    pending: &Mutex<Pending>,
+    served: &Served,
     limits: ServeLimits,
 ) {
+    let pending = &served.pending;
     match req {
         BackingRequest::List { root, reply } => {
             // What the server had stored before it was asked is in its answer.
@@ -319,22 +367,30 @@ async fn answer(
             len,
             reply,
         } => reply.send(read(queries, root, &path, &version, offset, len, limits.timeout).await),
-        BackingRequest::Upload {
+        BackingRequest::HandOver {
             root,
             path,
             base_version,
             staged,
-            version,
             reply,
         } => {
-            let r = match root {
-                FileRoot::Workspace => Err(BackingError::ReadOnly),
-                _ => upload(sender, root, &path, &base_version, &staged, &version).await,
+            let note = HeldNote {
+                root,
+                path,
+                base_version,
             };
-            if let Ok((seq, entry)) = &r {
-                lock(pending).record(*seq, root, Change::Put(entry.clone()));
-            }
-            reply.send(r.map(|(_, e)| e.version));
+            reply.send(hand_over(shared, served, note, staged).await);
+        }
+        BackingRequest::Upload { ticket, reply } => {
+            let handed = lock(&served.handed).remove(&ticket);
+            let r = match handed {
+                Some(h) => upload_handed(sender, served, h).await,
+                None => Err(BackingError::Remote {
+                    op: "upload",
+                    reason: format!("no file handed over with ticket {ticket}"),
+                }),
+            };
+            reply.send(r);
         }
         BackingRequest::Mkdir { root, path, reply } => {
             let change = Change::Put(FileEntry {
@@ -540,55 +596,95 @@ async fn read(
     Ok(joined.map_or(first, BytesMut::freeze))
 }
 
-/// Appends `staged` (unchanged from now on, of SHA-256 `version`) to the outbox as
-/// `file_chunk` messages whose payloads stay in the file ([`Sender::send_file`]: the
-/// outbox links it, no copy). Returns the last chunk's sequence number and the entry
-/// the server will list.
-async fn upload(
+/// Holds `staged` (unchanged from now on) in the outbox with its note: a link, no
+/// copy, no hashing; it survives a crash of the agent ([`serve`] uploads it after the
+/// restart). Returns the ticket for [`upload_handed`].
+async fn hand_over(
+    shared: &Shared,
+    served: &Served,
+    note: HeldNote,
+    staged: PathBuf,
+) -> Result<Ticket, BackingError> {
+    if note.root == FileRoot::Workspace {
+        return Err(BackingError::ReadOnly);
+    }
+    let refused = |reason: String| BackingError::Remote {
+        op: "hand over",
+        reason,
+    };
+    let bytes = serde_json::to_vec(&note).map_err(|e| refused(e.to_string()))?;
+    let stager = shared.outbox().attachment_stager();
+    let file = tokio::task::spawn_blocking(move || stager.hold(&staged, &bytes))
+        .await
+        .map_err(|e| refused(e.to_string()))?
+        .map_err(|e| refused(format!("outbox refused the file: {e}")))?;
+    let ticket = served
+        .next_ticket
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    lock(&served.handed).insert(ticket, Handed { note, file });
+    Ok(ticket)
+}
+
+/// Hashes a handed-over file and appends it to the outbox as `file_chunk` messages
+/// whose payloads stay in the file ([`Sender::send_attached`]), or drops it when its
+/// content is the version it started from. Shows it in listings until the server
+/// acknowledges it. Returns its version.
+async fn upload_handed(
     sender: &Sender,
-    root: FileRoot,
-    path: &str,
-    base_version: &str,
-    staged: &Path,
-    version: &str,
-) -> Result<(u64, FileEntry), BackingError> {
-    let size = std::fs::metadata(staged)
-        .map_err(|source| BackingError::Io {
-            path: path.to_owned(),
-            source,
-        })?
-        .len();
+    served: &Served,
+    handed: Handed,
+) -> Result<String, BackingError> {
+    let Handed { note, mut file } = handed;
+    let io = |source| BackingError::Io {
+        path: note.path.clone(),
+        source,
+    };
+    let at = file.path().to_owned();
+    let version = tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&at).and_then(|mut f| nbagent_fusefs::backing::hash_file(&mut f))
+    })
+    .await
+    .map_err(|e| io(std::io::Error::other(e)))?
+    .map_err(io)?;
+    if version == note.base_version {
+        debug!(root = ?note.root, path = %note.path, "closed file unchanged; nothing to upload");
+        file.release();
+        return Ok(version);
+    }
+    let (root, path, size) = (note.root, note.path.as_str(), file.len());
     let parts: Vec<(Message, u64, u32)> = chunk_ranges(size)
         .map(|(offset, len)| {
             let msg = Message::FileChunk {
                 root,
                 path: path.to_owned(),
-                base_version: base_version.to_owned(),
+                base_version: note.base_version.clone(),
                 offset,
                 total: size,
-                version: version.to_owned(),
+                version: version.clone(),
             };
             (msg, offset, len)
         })
         .collect();
-    let seq = sender
-        .send_file(staged, &parts)
-        .await
-        .map_err(|e| BackingError::Remote {
-            op: "upload",
-            reason: format!("outbox refused the file: {e}"),
-        })?;
-    info!(?root, %path, %version, size, "file queued for upload");
-    Ok((
-        seq,
-        FileEntry {
-            path: path.to_owned(),
-            kind: FileKind::File,
-            size,
-            mtime_ms: now_ms(),
-            version: version.to_owned(),
-        },
-    ))
+    let seq = match sender.send_attached(&mut file, &parts).await {
+        Ok(seq) => seq,
+        Err(e) => {
+            file.release();
+            return Err(BackingError::Remote {
+                op: "upload",
+                reason: format!("outbox refused the file: {e}"),
+            });
+        }
+    };
+    info!(?root, %path, %version, size, seq, "file queued for upload");
+    let entry = FileEntry {
+        path: path.to_owned(),
+        kind: FileKind::File,
+        size,
+        mtime_ms: now_ms(),
+        version: version.clone(),
+    };
+    lock(&served.pending).record(seq, root, Change::Put(entry));
+    Ok(version)
 }
 
 /// The `[offset, offset + len)` ranges of the chunks of a file of `size` bytes: one
@@ -959,11 +1055,16 @@ mod tests {
         std::fs::write(&staged, &content).unwrap();
         let hash = nbagent_fusefs::backing::hash_bytes(&content);
         let b = backing.clone();
+        let out = shared.clone();
         let (listed, version, listed_again, read) = tokio::task::spawn_blocking(move || {
             let listed = b.list(FileRoot::Notebook).unwrap();
-            let version = b
-                .upload(FileRoot::Notebook, "a.csv", "old", &staged, &hash)
+            let ticket = b
+                .hand_over(FileRoot::Notebook, "a.csv", "old", &staged)
                 .unwrap();
+            // Handed over: held in the outbox, nothing to send yet.
+            assert_eq!(out.outbox().pending_count(), 0);
+            let version = b.upload(ticket).unwrap();
+            assert!(b.upload(ticket).is_err(), "a ticket is used once");
             let again = b.list(FileRoot::Notebook).unwrap();
             let read = b.read(FileRoot::Notebook, "gone.csv", "v", 0, 10);
             (listed, version, again, read)
@@ -971,7 +1072,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(listed.entries, vec![on_server]);
-        assert_eq!(version, nbagent_fusefs::backing::hash_bytes(&content));
+        assert_eq!(version, hash);
         // Two chunks in the outbox, and the listing shows the upload, not the server's
         // older version, until the server acknowledges it.
         assert_eq!(shared.outbox().pending_count(), 2);
@@ -1000,6 +1101,120 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(after_ack.entries[0].version, "old");
+    }
+
+    /// The `file_chunk` messages in the outbox: (path, base version, version, payload).
+    fn queued_chunks(shared: &Shared) -> Vec<(String, String, String, Bytes)> {
+        let frames = shared.outbox().frames_after(0, usize::MAX).unwrap();
+        frames
+            .iter()
+            .map(|(_, frame)| {
+                let mut buf = bytes::BytesMut::from(&frame[..]);
+                let f = nbagent_protocol::codec::FrameDecoder::new(Default::default())
+                    .decode(&mut buf)
+                    .unwrap()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                match f.envelope.msg {
+                    Message::FileChunk {
+                        path,
+                        base_version,
+                        version,
+                        ..
+                    } => (path, base_version, version, f.payload),
+                    other => panic!("unexpected {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_handed_over_before_a_crash_is_uploaded_after_the_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox_dir = dir.path().join("outbox");
+        let staged = dir.path().join("staged");
+        std::fs::write(&staged, b"written before the crash").unwrap();
+        let unchanged = dir.path().join("unchanged");
+        std::fs::write(&unchanged, b"same").unwrap();
+        {
+            let shared = Shared::new(Outbox::open(OutboxConfig::new(&outbox_dir)).unwrap(), false);
+            let (queries, rx) = Queries::new(8);
+            fake_server(rx, vec![]);
+            let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
+            let serving = tokio::spawn(serve(
+                requests,
+                queries,
+                Sender::new(shared.clone()),
+                shared.clone(),
+                LIMITS,
+            ));
+            let (s, u) = (staged.clone(), unchanged.clone());
+            tokio::task::spawn_blocking(move || {
+                backing
+                    .hand_over(FileRoot::Notebook, "d/out.txt", "v0", &s)
+                    .unwrap();
+                let same = nbagent_fusefs::backing::hash_bytes(b"same");
+                backing
+                    .hand_over(FileRoot::Notebook, "same.txt", &same, &u)
+                    .unwrap();
+                // The workspace is read-only.
+                assert!(matches!(
+                    backing.hand_over(FileRoot::Workspace, "w.txt", "", &u),
+                    Err(BackingError::ReadOnly)
+                ));
+            })
+            .await
+            .unwrap();
+            // The agent dies before the release: nothing queued yet.
+            serving.abort();
+            let _ = serving.await;
+            assert_eq!(shared.outbox().pending_count(), 0);
+        }
+        // The staging copies are gone with the old agent's work directory.
+        std::fs::remove_file(&staged).unwrap();
+        std::fs::remove_file(&unchanged).unwrap();
+        let shared = Shared::new(Outbox::open(OutboxConfig::new(&outbox_dir)).unwrap(), false);
+        let (queries, rx) = Queries::new(8);
+        fake_server(rx, vec![]);
+        let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
+        tokio::spawn(serve(
+            requests,
+            queries,
+            Sender::new(shared.clone()),
+            shared.clone(),
+            LIMITS,
+        ));
+        // The first listing is answered after the recovery, and shows the upload.
+        let listed = tokio::task::spawn_blocking(move || backing.list(FileRoot::Notebook))
+            .await
+            .unwrap()
+            .unwrap();
+        let version = nbagent_fusefs::backing::hash_bytes(b"written before the crash");
+        assert_eq!(
+            queued_chunks(&shared),
+            vec![(
+                "d/out.txt".to_owned(),
+                "v0".to_owned(),
+                version.clone(),
+                Bytes::from_static(b"written before the crash")
+            )],
+            "the changed file is queued once, the unchanged one not at all"
+        );
+        assert!(
+            listed
+                .entries
+                .iter()
+                .any(|e| e.path == "d/out.txt" && e.version == version),
+            "{listed:?}"
+        );
+        // Nothing is held any more.
+        let held: Vec<_> = std::fs::read_dir(&outbox_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("att-held-"))
+            .collect();
+        assert!(held.is_empty(), "{held:?}");
     }
 
     fn entry(path: &str, kind: FileKind, version: &str) -> FileEntry {

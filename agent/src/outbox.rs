@@ -34,6 +34,14 @@
 //!   (linking shares its content). An attachment is deleted once all its records are
 //!   acked; its bytes are not counted against [`OutboxConfig::max_bytes`] (they are
 //!   the file's own, which exist anyway).
+//! - **Held files.** [`AttachmentStager::hold`] links a file into the outbox with a
+//!   small note (the caller's, opaque here) before its messages can be made (an upload
+//!   whose content hash is not computed yet): it survives a crash, and
+//!   [`Outbox::take_held`] hands it back after the next open so the caller can append
+//!   it then. Appending it is atomic with respect to crashes: its records are written
+//!   first, then it is renamed to its final name, then the note is removed; a crash in
+//!   between leaves either the held file (records cut as referring to a missing
+//!   attachment) or the appended one (the note, alone, is removed on open).
 //!
 //! # Layout
 //!
@@ -44,6 +52,8 @@
 //! <dir>/seg-<first seq:020>.log    segments of records, each up to segment_bytes
 //! <dir>/att-<first seq:020>        attachment whose first record has that number
 //! <dir>/att-tmp-<random>           attachment being prepared (no record yet)
+//! <dir>/att-held-<random>          held file (no record yet), kept across restarts
+//! <dir>/att-held-<random>.note     its caller's note
 //! ```
 //!
 //! Each record is `[u32 frame_len][u32 crc32][u64 seq][frame]`, where `frame` is
@@ -95,6 +105,10 @@ const SEG_PREFIX: &str = "seg-";
 const SEG_SUFFIX: &str = ".log";
 const ATT_PREFIX: &str = "att-";
 const ATT_TMP_PREFIX: &str = "att-tmp-";
+const ATT_HELD_PREFIX: &str = "att-held-";
+const NOTE_SUFFIX: &str = ".note";
+/// Largest note of a held file accepted on open.
+const MAX_NOTE_LEN: u64 = 64 << 10;
 
 /// When the outbox calls `fsync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -299,14 +313,18 @@ fn parse_attachment_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// A file made ready to become an attachment ([`Outbox::prepare_attachment`]), outside
-/// the outbox lock: linked (or copied) into the outbox directory under a temporary
-/// name, and synced when the policy asks for it. Removed on drop unless appended.
+/// A file made ready to become an attachment ([`AttachmentStager::prepare`] or
+/// [`AttachmentStager::hold`]), outside the outbox lock: linked (or copied) into the
+/// outbox directory under a temporary name, and synced when the policy asks for it.
+/// Removed on drop unless appended, or held ([`Attachment::release`] to drop a held
+/// file for good).
 #[derive(Debug)]
 pub struct Attachment {
     path: PathBuf,
     len: u64,
     appended: bool,
+    /// The note of a held file.
+    note: Option<PathBuf>,
 }
 
 impl Attachment {
@@ -319,11 +337,24 @@ impl Attachment {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The file in the outbox directory (read it, do not change it).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes a held file and its note (no longer wanted: nothing to send).
+    pub fn release(mut self) {
+        if let Some(note) = self.note.take() {
+            let _ = fs::remove_file(&self.path);
+            let _ = fs::remove_file(note);
+        }
+    }
 }
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        if !self.appended {
+        if !self.appended && self.note.is_none() {
             let _ = fs::remove_file(&self.path);
         }
     }
@@ -341,9 +372,49 @@ impl AttachmentStager {
     /// across filesystems) and syncs it under [`FsyncPolicy::EveryAppend`] (under
     /// `Periodic` the next [`Outbox::sync`] or [`Outbox::take_unsynced`] covers it).
     pub fn prepare(&self, src: &Path) -> Result<Attachment, OutboxError> {
+        self.link(src, ATT_TMP_PREFIX)
+    }
+
+    /// Like [`prepare`](Self::prepare), and keeps the file with `note` across
+    /// restarts until it is appended or [released](Attachment::release):
+    /// [`Outbox::take_held`] returns it after the next open. Under
+    /// [`FsyncPolicy::EveryAppend`] both are synced with the directory.
+    pub fn hold(&self, src: &Path, note: &[u8]) -> Result<Attachment, OutboxError> {
+        let mut att = self.link(src, ATT_HELD_PREFIX)?;
+        let note_path = note_path(&att.path);
+        let tmp = self.dir.join(format!(
+            "{ATT_TMP_PREFIX}{:016x}{NOTE_SUFFIX}",
+            rand::random::<u64>()
+        ));
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(note)?;
+            if self.durable {
+                f.sync_all()?;
+            }
+            fs::rename(&tmp, &note_path)?;
+            if self.durable {
+                File::open(&self.dir)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        if let Err(source) = written {
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&note_path);
+            return Err(OutboxError::Io {
+                op: "writing the note of",
+                path: att.path.clone(),
+                source,
+            });
+        }
+        att.note = Some(note_path);
+        Ok(att)
+    }
+
+    fn link(&self, src: &Path, prefix: &str) -> Result<Attachment, OutboxError> {
         let path = self
             .dir
-            .join(format!("{ATT_TMP_PREFIX}{:016x}", rand::random::<u64>()));
+            .join(format!("{prefix}{:016x}", rand::random::<u64>()));
         if let Err(e) = fs::hard_link(src, &path) {
             tracing::debug!(src = %src.display(), error = %e, "cannot link an attachment; copying it");
             fs::copy(src, &path).map_err(io_err("copying", src))?;
@@ -352,6 +423,7 @@ impl AttachmentStager {
             path,
             len: 0,
             appended: false,
+            note: None,
         };
         let file = File::open(&att.path).map_err(io_err("opening", &att.path))?;
         att.len = file.metadata().map_err(io_err("reading", &att.path))?.len();
@@ -360,6 +432,12 @@ impl AttachmentStager {
         }
         Ok(att)
     }
+}
+
+fn note_path(held: &Path) -> PathBuf {
+    let mut p = held.as_os_str().to_owned();
+    p.push(NOTE_SUFFIX);
+    PathBuf::from(p)
 }
 
 /// A record as stored: its body (the wire frame, or for an attached record the frame's
@@ -403,6 +481,8 @@ pub struct Outbox {
     cache: VecDeque<(u64, Stored)>,
     /// Attachments still needed: id (its first record's number) -> its last record.
     attachments: std::collections::BTreeMap<u64, u64>,
+    /// Held files found on open and not yet taken, with their notes.
+    held: Vec<(Attachment, Vec<u8>)>,
     /// Attachments appended under [`FsyncPolicy::Periodic`] and not synced since.
     unsynced: Vec<PathBuf>,
     cache_bytes: usize,
@@ -451,6 +531,7 @@ impl Outbox {
             }
         }
         let attachments = recover_attachments(&dir, &mut segments, acked)?;
+        let held = recover_held(&dir)?;
         let last = acked.max(segments.back().map_or(0, Segment::end));
         let mut outbox = Outbox {
             stream_id,
@@ -460,6 +541,7 @@ impl Outbox {
             active: None,
             cache: VecDeque::new(),
             attachments,
+            held,
             unsynced: Vec::new(),
             cache_bytes: 0,
             pending_bytes: 0,
@@ -558,6 +640,13 @@ impl Outbox {
         }
     }
 
+    /// The held files found when the outbox was opened, oldest first, with their
+    /// notes ([`AttachmentStager::hold`]); each stays on disk until appended or
+    /// released.
+    pub fn take_held(&mut self) -> Vec<(Attachment, Vec<u8>)> {
+        std::mem::take(&mut self.held)
+    }
+
     /// Appends one sequenced message per part, each with the payload `len` bytes at
     /// `offset` of the attachment (see the module documentation); returns the last
     /// sequence number. All or none are appended: [`OutboxError::Full`] and the other
@@ -628,15 +717,19 @@ impl Outbox {
         }
         self.prepare_segment(first, total)?;
         let final_path = attachment_path(&self.config.dir, first);
-        fs::rename(&att.path, &final_path).map_err(io_err("renaming", &att.path))?;
+        // Records first, then the name they refer to: a crash in between leaves
+        // records whose attachment is missing (cut on open) and the file under its
+        // old name (held: appended again after the restart).
         let recs = self.buf.split().freeze();
-        if let Err(e) = self.write_records(&recs, &lens) {
-            if fs::rename(&final_path, &att.path).is_err() {
-                let _ = fs::remove_file(&final_path);
-            }
-            return Err(e);
+        self.write_records(&recs, &lens)?;
+        if let Err(e) = fs::rename(&att.path, &final_path) {
+            self.unwrite_records(&lens);
+            return Err(io_err("renaming", &att.path)(e));
         }
         att.appended = true;
+        if let Some(note) = att.note.take() {
+            let _ = fs::remove_file(note);
+        }
         let mut at = 0usize;
         for len in lens.iter().map(|&l| l as usize) {
             let seq = self.window.assign();
@@ -684,6 +777,24 @@ impl Outbox {
             seg.len += len;
         }
         Ok(())
+    }
+
+    /// Removes the records (of lengths `lens`) just written by
+    /// [`write_records`](Self::write_records); poisons the outbox if that fails.
+    fn unwrite_records(&mut self, lens: &[u64]) {
+        let (Some(seg), Some(file)) = (self.segments.back_mut(), self.active.as_mut()) else {
+            self.poisoned = true;
+            return;
+        };
+        for _ in lens {
+            if let Some(start) = seg.starts.pop() {
+                seg.len = start;
+            }
+        }
+        if let Err(e) = file.set_len(seg.len) {
+            tracing::error!(path = %seg.path.display(), error = %e, "cannot remove outbox records");
+            self.poisoned = true;
+        }
     }
 
     /// Under [`FsyncPolicy::EveryAppend`], syncs the active segment (and the directory
@@ -1299,6 +1410,67 @@ fn recover_attachments(
         .into_iter()
         .map(|(id, (_, last, _))| (id, last))
         .collect())
+}
+
+/// The held files in `dir` with their notes, oldest first; removes a note whose file
+/// is gone (appended just before a crash) and a file without a note (a crash while it
+/// was being held).
+fn recover_held(dir: &Path) -> Result<Vec<(Attachment, Vec<u8>)>, OutboxError> {
+    let mut held = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let entry = entry.map_err(io_err("listing", dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !name.starts_with(ATT_HELD_PREFIX) {
+            continue;
+        }
+        let path = entry.path();
+        if let Some(file) = name.strip_suffix(NOTE_SUFFIX) {
+            if !dir.join(file).exists() {
+                remove_if_exists(&path)?;
+            }
+            continue;
+        }
+        let note_path = note_path(&path);
+        let mut noted = None;
+        let note = match File::open(&note_path) {
+            Ok(f) => {
+                noted = f.metadata().and_then(|m| m.modified()).ok();
+                let mut note = Vec::new();
+                f.take(MAX_NOTE_LEN + 1)
+                    .read_to_end(&mut note)
+                    .map_err(io_err("reading", &note_path))?;
+                Some(note).filter(|n| n.len() as u64 <= MAX_NOTE_LEN)
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("reading", &note_path)(e)),
+        };
+        let meta = entry.metadata().map_err(io_err("reading", &path))?;
+        let Some(note) = note else {
+            tracing::warn!(path = %path.display(), "held file without a (valid) note; removed");
+            remove_if_exists(&path)?;
+            remove_if_exists(&note_path)?;
+            continue;
+        };
+        let att = Attachment {
+            path,
+            len: meta.len(),
+            appended: false,
+            note: Some(note_path),
+        };
+        held.push((noted, att, note));
+    }
+    held.sort_by_key(|h| h.0);
+    Ok(held.into_iter().map(|(_, a, n)| (a, n)).collect())
+}
+
+/// Removes `path`; already gone is fine (a directory scan may come across a file
+/// removed with another).
+fn remove_if_exists(path: &Path) -> Result<(), OutboxError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(io_err("deleting", path)(e)),
+        _ => Ok(()),
+    }
 }
 
 /// Drops the records numbered `cut` and above (keeping at least one segment, which

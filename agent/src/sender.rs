@@ -5,7 +5,6 @@
 //! the producer (the kernel's output pump) is slowed down, nothing is lost.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use nbagent_protocol::Message;
 use tokio::sync::Notify;
 use tracing::warn;
 
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{Attachment, Outbox, OutboxError};
 
 /// The outbox shared between producers and the channel task.
 #[derive(Debug)]
@@ -172,24 +171,15 @@ impl Sender {
             .await
     }
 
-    /// Appends one message per part whose payloads are ranges of the file `src`,
-    /// without copying it ([`Outbox::append_attached`]: `src` must not change
-    /// afterwards); returns the last sequence number. Waits while the outbox is full.
-    pub async fn send_file(
+    /// Appends one message per part whose payloads are ranges of a prepared or held
+    /// attachment ([`Outbox::append_attached`]); returns the last sequence number.
+    /// Waits while the outbox is full.
+    pub async fn send_attached(
         &self,
-        src: &Path,
+        att: &mut Attachment,
         parts: &[(Message, u64, u32)],
     ) -> Result<u64, SendError> {
-        let stager = self.shared.outbox().attachment_stager();
-        let src = src.to_owned();
-        let mut att = tokio::task::spawn_blocking(move || stager.prepare(&src))
-            .await
-            .map_err(|e| OutboxError::Io {
-                op: "preparing an attachment",
-                path: PathBuf::new(),
-                source: std::io::Error::other(e),
-            })??;
-        self.append_waiting(|outbox| outbox.append_attached(&mut att, parts))
+        self.append_waiting(|outbox| outbox.append_attached(att, parts))
             .await
     }
 

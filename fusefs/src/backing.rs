@@ -48,6 +48,21 @@ pub struct Listing {
     pub entries: Vec<FileEntry>,
 }
 
+/// A file handed over for upload ([`Backing::hand_over`]), not yet uploaded.
+pub type Ticket = u64;
+
+/// [`Backing::hand_over`] and [`Backing::upload`] at once; returns the version.
+pub fn upload_now(
+    backing: &dyn Backing,
+    root: FileRoot,
+    path: &str,
+    base_version: &str,
+    staged: &Path,
+) -> Result<String, BackingError> {
+    let ticket = backing.hand_over(root, path, base_version, staged)?;
+    backing.upload(ticket)
+}
+
 /// Where the files come from. All calls block; see the module documentation.
 pub trait Backing: Send + Sync + fmt::Debug {
     /// Lists a whole tree.
@@ -61,20 +76,25 @@ pub trait Backing: Send + Sync + fmt::Debug {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, BackingError>;
-    /// Replaces (or creates) `path` with the content of the local file `staged`, whose
-    /// SHA-256 (hex) the core computed as `version`; returns the version stored.
-    /// `base_version` is the version the writer started from, empty for a new file.
-    /// The core does not change `staged` afterwards, so an implementation may keep a
-    /// link to it instead of a copy, and it removes `staged` (or keeps it as cached
-    /// content) once the call returns.
-    fn upload(
+    /// First half of an upload: `path` is to be replaced (or created) with the content
+    /// of the local file `staged`; `base_version` is the version the writer started
+    /// from, empty for a new file. Cheap: it does not read the file (the agent links
+    /// it into its outbox with a note, so that it survives a crash of the agent). The
+    /// core does not change `staged` afterwards, so an implementation may keep a link
+    /// to it instead of a copy. Returns the ticket for [`Backing::upload`].
+    fn hand_over(
         &self,
         root: FileRoot,
         path: &str,
         base_version: &str,
         staged: &Path,
-        version: &str,
-    ) -> Result<String, BackingError>;
+    ) -> Result<Ticket, BackingError>;
+    /// Second half: computes the version of a handed-over file (the SHA-256 of its
+    /// content, hex) and queues or stores it, unless it equals its `base_version`
+    /// (nothing changed: nothing is sent); returns the version. The ticket is used up
+    /// whatever the result. The core removes `staged` (or keeps it as cached content)
+    /// once the call returns.
+    fn upload(&self, ticket: Ticket) -> Result<String, BackingError>;
     /// Creates a directory.
     fn mkdir(&self, root: FileRoot, path: &str) -> Result<(), BackingError>;
     /// Removes a file or an empty directory.
@@ -196,6 +216,8 @@ impl Stamp {
 pub struct LocalDir {
     trees: HashMap<FileRoot, LocalTree>,
     hashes: Mutex<HashMap<PathBuf, (Stamp, String)>>,
+    /// Files handed over and not uploaded yet: ticket -> (root, path, base, staged).
+    handed: Mutex<HashMap<Ticket, (FileRoot, String, String, PathBuf)>>,
     max_entries: usize,
 }
 
@@ -211,6 +233,7 @@ impl LocalDir {
         LocalDir {
             trees: HashMap::new(),
             hashes: Mutex::new(HashMap::new()),
+            handed: Mutex::new(HashMap::new()),
             max_entries: DEFAULT_MAX_ENTRIES,
         }
     }
@@ -406,14 +429,42 @@ impl Backing for LocalDir {
         Ok(Bytes::from(buf))
     }
 
-    fn upload(
+    fn hand_over(
         &self,
         root: FileRoot,
         path: &str,
         base_version: &str,
         staged: &Path,
-        _version: &str,
-    ) -> Result<String, BackingError> {
+    ) -> Result<Ticket, BackingError> {
+        let tree = self.writable_tree(root)?;
+        Self::resolve(tree, path)?;
+        let ticket = UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = (
+            root,
+            path.to_owned(),
+            base_version.to_owned(),
+            staged.to_owned(),
+        );
+        self.handed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ticket, entry);
+        Ok(ticket)
+    }
+
+    fn upload(&self, ticket: Ticket) -> Result<String, BackingError> {
+        let handed = self
+            .handed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ticket);
+        let Some((root, path, base_version, staged)) = handed else {
+            return Err(BackingError::Remote {
+                op: "upload",
+                reason: format!("no file handed over with ticket {ticket}"),
+            });
+        };
+        let (path, base_version, staged) = (path.as_str(), base_version.as_str(), &staged);
         // The version returned is the hash of the bytes copied, what is stored.
         let tree = self.writable_tree(root)?;
         let full = Self::resolve(tree, path)?;
@@ -519,8 +570,8 @@ pub enum BackingRequest {
         /// Answer.
         reply: Reply<Bytes>,
     },
-    /// [`Backing::upload`].
-    Upload {
+    /// [`Backing::hand_over`].
+    HandOver {
         /// Which tree.
         root: FileRoot,
         /// Path.
@@ -528,10 +579,15 @@ pub enum BackingRequest {
         /// Version the writer started from.
         base_version: String,
         /// Local file with the new content; stays valid (and unchanged) until the
-        /// reply is sent.
+        /// [`BackingRequest::Upload`] of the ticket is answered.
         staged: PathBuf,
-        /// SHA-256 (hex) of the new content.
-        version: String,
+        /// Answer: the ticket.
+        reply: Reply<Ticket>,
+    },
+    /// [`Backing::upload`].
+    Upload {
+        /// From the [`BackingRequest::HandOver`].
+        ticket: Ticket,
         /// Answer: the new version.
         reply: Reply<String>,
     },
@@ -582,14 +638,14 @@ impl BackingRequest {
                 len,
                 reply,
             } => reply.send(backing.read(root, &path, &version, offset, len)),
-            BackingRequest::Upload {
+            BackingRequest::HandOver {
                 root,
                 path,
                 base_version,
                 staged,
-                version,
                 reply,
-            } => reply.send(backing.upload(root, &path, &base_version, &staged, &version)),
+            } => reply.send(backing.hand_over(root, &path, &base_version, &staged)),
+            BackingRequest::Upload { ticket, reply } => reply.send(backing.upload(ticket)),
             BackingRequest::Mkdir { root, path, reply } => reply.send(backing.mkdir(root, &path)),
             BackingRequest::Remove {
                 root,
@@ -680,22 +736,24 @@ impl Backing for ChannelBacking {
         })
     }
 
-    fn upload(
+    fn hand_over(
         &self,
         root: FileRoot,
         path: &str,
         base_version: &str,
         staged: &Path,
-        version: &str,
-    ) -> Result<String, BackingError> {
-        self.call("upload", |reply| BackingRequest::Upload {
+    ) -> Result<Ticket, BackingError> {
+        self.call("hand over", |reply| BackingRequest::HandOver {
             root,
             path: path.to_owned(),
             base_version: base_version.to_owned(),
             staged: staged.to_owned(),
-            version: version.to_owned(),
             reply,
         })
+    }
+
+    fn upload(&self, ticket: Ticket) -> Result<String, BackingError> {
+        self.call("upload", |reply| BackingRequest::Upload { ticket, reply })
     }
 
     fn mkdir(&self, root: FileRoot, path: &str) -> Result<(), BackingError> {
@@ -818,27 +876,19 @@ mod tests {
         assert!(b.read(FileRoot::Notebook, "../x", &v, 0, 3).is_err());
         let staged = dir.path().join("staged");
         fs::write(&staged, b"new").unwrap();
-        let nv = b
-            .upload(
-                FileRoot::Notebook,
-                "sub/a.txt",
-                &v,
-                &staged,
-                &hash_bytes(b"new"),
-            )
-            .unwrap();
+        let nv = upload_now(&b, FileRoot::Notebook, "sub/a.txt", &v, &staged).unwrap();
         assert_eq!(nv, hash_bytes(b"new"));
         assert_eq!(fs::read(dir.path().join("sub/a.txt")).unwrap(), b"new");
         assert!(matches!(
-            b.upload(
-                FileRoot::Notebook,
-                "sub/a.txt",
-                &v,
-                &staged,
-                &hash_bytes(b"new")
-            ),
+            upload_now(&b, FileRoot::Notebook, "sub/a.txt", &v, &staged),
             Err(BackingError::Conflict { .. })
         ));
+        // A ticket is used once.
+        let t = b
+            .hand_over(FileRoot::Notebook, "sub/a.txt", &nv, &staged)
+            .unwrap();
+        assert_eq!(b.upload(t).unwrap(), nv);
+        assert!(b.upload(t).is_err());
         let small = LocalDir::new()
             .with_tree(FileRoot::Notebook, dir.path(), true)
             .with_max_entries(1);

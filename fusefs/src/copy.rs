@@ -14,7 +14,7 @@ use nix::unistd::{UnlinkatFlags, unlinkat};
 
 use nbagent_protocol::{FileKind, FileRoot};
 
-use crate::backing::{Backing, copy_file_hashing, hash_file, validate_listing};
+use crate::backing::{Backing, hash_file, upload_now, validate_listing};
 use crate::error::{BackingError, ListingError};
 use crate::path::split_path;
 
@@ -300,9 +300,10 @@ pub fn sync_back(
         let _ = fs::remove_file(&copy);
         let mut f =
             open_beneath(&base_dir, &rel, OFlag::O_RDONLY, Mode::empty()).map_err(io_at(&local))?;
-        let uploaded = copy_file_hashing(&mut f, &copy)
+        let uploaded = File::create_new(&copy)
+            .and_then(|mut to| io::copy(&mut f, &mut to))
             .map_err(io_at(&local))
-            .and_then(|version| Ok(backing.upload(root, &rel, base, &copy, &version)?));
+            .and_then(|_| Ok(upload_now(backing, root, &rel, base, &copy)?));
         let _ = fs::remove_file(&copy);
         uploaded?;
         report.uploaded.push(rel);

@@ -12,7 +12,7 @@
 //! staging copy; it is dirty until flushed (close), when it is uploaded, after which the
 //! staging copy becomes the cached content of the new version.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use nbagent_protocol::{FileKind, FileRoot};
 
-use crate::backing::{self, Backing, DEFAULT_MAX_ENTRIES, Listing};
+use crate::backing::{self, Backing, DEFAULT_MAX_ENTRIES, Listing, Ticket};
 use crate::cache::{ContentCache, Fetch, ReadAhead, cache_key, read_full_at};
 use crate::error::{BackingError, FsError, FsResult};
 use crate::path::{join, validate_name_os};
@@ -217,6 +217,8 @@ struct Staged {
     /// Handed to the backing as it is (see [`Fs::flush`]): never written again. A
     /// writer that comes later gets a copy.
     sealed: bool,
+    /// Handed over at a close and not uploaded yet (see [`Fs::flush`]).
+    handed: Option<Ticket>,
 }
 
 #[derive(Debug)]
@@ -261,6 +263,8 @@ struct State {
     /// dirty one cannot be uploaded and its close says so.
     vanished: HashMap<u64, String>,
     staging_seq: u64,
+    /// Inodes whose staging copy is handed over and not uploaded yet.
+    handed: BTreeSet<u64>,
 }
 
 /// The filesystem core over one tree of a [`Backing`]. All methods take `&self` and are
@@ -341,6 +345,7 @@ impl Fs {
                 negative: HashMap::new(),
                 vanished: HashMap::new(),
                 staging_seq: 0,
+                handed: BTreeSet::new(),
             }),
             released: std::sync::Condvar::new(),
         };
@@ -410,6 +415,7 @@ impl Fs {
     }
 
     fn relist(&self, st: &mut State) -> FsResult<()> {
+        self.upload_handed(st);
         let listing = self.list_validated()?;
         st.writable = listing.writable;
         st.listed_at = self.clock.now();
@@ -672,6 +678,8 @@ impl Fs {
 
     /// Gives `ino` a staging copy holding its current content (or nothing if `empty`).
     fn stage(&self, st: &mut State, ino: u64, empty: bool) -> FsResult<()> {
+        // A copy starts from the version of the handed-over file.
+        self.upload_handed(st);
         let (version, size) = match &Self::node(st, ino)?.content {
             Content::Staged(s) if s.sealed => {
                 // Copy-on-write: the sealed file belongs to a queued upload.
@@ -688,6 +696,7 @@ impl Fs {
                         base_version: base,
                         dirty: empty,
                         sealed: false,
+                        handed: None,
                     });
                 }
                 return Ok(());
@@ -715,70 +724,97 @@ impl Fs {
                 base_version: version,
                 dirty: empty && size > 0,
                 sealed: false,
+                handed: None,
             });
         }
         Ok(())
     }
 
-    /// Uploads a dirty staged file; on success the staging copy becomes clean. Unless
-    /// `frozen` (nobody can write the staging copy any more) the backing gets a
-    /// snapshot. Content equal to the version it started from (passthrough writers
-    /// that wrote nothing, or wrote the same bytes) is not uploaded.
-    fn upload(&self, st: &mut State, ino: u64, frozen: bool) -> FsResult<()> {
+    /// Whether `ino` has content to upload: a dirty staged file that is still linked.
+    /// A dirty file unlinked by the kernel has none (the content goes with the name,
+    /// POSIX); one gone from the server's listing is an error (its bytes would be lost
+    /// silently).
+    fn to_upload(st: &State, ino: u64) -> FsResult<bool> {
         let node = Self::node(st, ino)?;
         let Content::Staged(s) = &node.content else {
-            return Ok(());
+            return Ok(false);
         };
-        if !s.dirty {
-            return Ok(());
+        if !s.dirty || s.handed.is_some() {
+            return Ok(false);
         }
-        if !node.linked {
-            // Unlinked by the kernel: the content goes with the name (POSIX). Gone from
-            // the server's listing: the bytes would be lost silently.
-            return match st.vanished.get(&ino) {
-                Some(path) => {
-                    tracing::warn!(ino, %path, "written file vanished from the server before its upload; close fails");
-                    Err(FsError::Vanished { path: path.clone() })
-                }
-                None => Ok(()),
-            };
+        if node.linked {
+            return Ok(true);
+        }
+        match st.vanished.get(&ino) {
+            Some(path) => {
+                tracing::warn!(ino, %path, "written file vanished from the server before its upload; close fails");
+                Err(FsError::Vanished { path: path.clone() })
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Hands a dirty staged file that nobody can write any more over to the backing
+    /// (cheap: no hashing, no copy) and seals it; [`Fs::release`], or the next
+    /// operation that must come after it, uploads it.
+    fn hand_over(&self, st: &mut State, ino: u64) -> FsResult<()> {
+        if !Self::to_upload(st, ino)? {
+            return Ok(());
         }
         let rel = Self::path_of(st, ino)?;
-        let (path, base) = (s.path.clone(), s.base_version.clone());
-        let (src, version, snapshot) = if frozen {
-            let version = backing::hash_file(&mut File::open(&path)?)?;
-            (path, version, None)
-        } else {
-            st.staging_seq += 1;
-            let snap = self
-                .config
-                .staging_dir
-                .join(format!("{ino}-{}.snapshot", st.staging_seq));
-            let version = backing::copy_hashing(&path, &snap).inspect_err(|_| {
-                let _ = fs::remove_file(&snap);
-            })?;
-            (snap.clone(), version, Some(snap))
-        };
-        let unchanged = !base.is_empty() && version == base;
-        let uploaded = (!unchanged).then(|| {
-            self.backing
-                .upload(self.config.root, &rel, &base, &src, &version)
-        });
-        if let Some(snap) = snapshot {
-            let _ = fs::remove_file(snap);
-        }
-        let Some(uploaded) = uploaded else {
-            if let Some(Inode {
-                content: Content::Staged(s),
-                ..
-            }) = st.inodes.get_mut(&ino)
-            {
-                s.dirty = !frozen;
-            }
+        let Some(Inode {
+            content: Content::Staged(s),
+            ..
+        }) = st.inodes.get_mut(&ino)
+        else {
             return Ok(());
         };
-        let version = uploaded
-            .inspect_err(|e| tracing::warn!(ino, path = %rel, error = %e, "upload failed"))?;
+        let ticket = self
+            .backing
+            .hand_over(self.config.root, &rel, &s.base_version, &s.path)
+            .inspect_err(|e| tracing::warn!(ino, path = %rel, error = %e, "hand-over failed"))?;
+        s.sealed = true;
+        s.handed = Some(ticket);
+        st.handed.insert(ino);
+        Ok(())
+    }
+
+    /// Uploads the file `ino` handed over, if any.
+    fn upload_handed_one(&self, st: &mut State, ino: u64) -> FsResult<()> {
+        st.handed.remove(&ino);
+        let Some(Inode {
+            content: Content::Staged(s),
+            ..
+        }) = st.inodes.get_mut(&ino)
+        else {
+            return Ok(());
+        };
+        let Some(ticket) = s.handed.take() else {
+            return Ok(());
+        };
+        let version = self.backing.upload(ticket).inspect_err(
+            |e| tracing::warn!(ino, error = %e, "upload failed; the file stays dirty"),
+        )?;
+        self.uploaded(st, ino, version, true);
+        Ok(())
+    }
+
+    /// Uploads every file handed over, in order, before an operation that must come
+    /// after them (a rename of one, a listing); failures are logged (those files stay
+    /// dirty and their next close tries again).
+    fn upload_handed(&self, st: &mut State) {
+        while let Some(ino) = st.handed.pop_first() {
+            let _ = self.upload_handed_one(st, ino);
+        }
+    }
+
+    /// Records that `ino` was uploaded as `version`. Unless `frozen` (nobody can write
+    /// the staging copy any more), a handle that stays open for writing (fsync, or
+    /// another writer) may go on writing through passthrough without the daemon
+    /// seeing it: the file stays dirty, and its next close uploads it again (the
+    /// backing sends nothing if the content is the same).
+    fn uploaded(&self, st: &mut State, ino: u64, version: String, frozen: bool) {
+        let rel = Self::path_of(st, ino).unwrap_or_default();
         tracing::debug!(ino, path = %rel, version = %version, "uploaded");
         if let Some(Inode {
             content: Content::Staged(s),
@@ -786,15 +822,56 @@ impl Fs {
             ..
         }) = st.inodes.get_mut(&ino)
         {
-            // A handle that stays open for writing (fsync, or another writer) may go
-            // on writing through passthrough without the daemon seeing it: the file
-            // stays dirty, and its next close hashes it again (and uploads nothing
-            // if the content is the same).
             s.dirty = !frozen;
             s.base_version = version;
             s.sealed = frozen;
             *in_backing = true;
         }
+    }
+
+    /// Uploads a dirty staged file now (after the files handed over before it); on
+    /// success the staging copy becomes clean. Unless `frozen` the backing gets a
+    /// snapshot (made in the kernel).
+    fn upload(&self, st: &mut State, ino: u64, frozen: bool) -> FsResult<()> {
+        self.upload_handed(st);
+        if !Self::to_upload(st, ino)? {
+            return Ok(());
+        }
+        let rel = Self::path_of(st, ino)?;
+        let Content::Staged(s) = &Self::node(st, ino)?.content else {
+            return Ok(());
+        };
+        let (file, path, base) = (s.file.clone(), s.path.clone(), s.base_version.clone());
+        let uploaded = if frozen {
+            backing::upload_now(&*self.backing, self.config.root, &rel, &base, &path)
+                .map_err(FsError::from)
+        } else {
+            st.staging_seq += 1;
+            let snap = self
+                .config
+                .staging_dir
+                .join(format!("{ino}-{}.snapshot", st.staging_seq));
+            let r = (|| -> FsResult<String> {
+                let to = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&snap)?;
+                copy_range(&file, &to, file.metadata()?.len())?;
+                let root = self.config.root;
+                Ok(backing::upload_now(
+                    &*self.backing,
+                    root,
+                    &rel,
+                    &base,
+                    &snap,
+                )?)
+            })();
+            let _ = fs::remove_file(&snap);
+            r
+        };
+        let version = uploaded
+            .inspect_err(|e| tracing::warn!(ino, path = %rel, error = %e, "upload failed"))?;
+        self.uploaded(st, ino, version, frozen);
         Ok(())
     }
 
@@ -1097,6 +1174,7 @@ impl Fs {
             base_version: String::new(),
             dirty: true,
             sealed: false,
+            handed: None,
         });
         let ino = self.insert_child(&mut st, parent, name, FileKind::File, content, false);
         let fh = self.new_handle(&mut st, ino, mode.write);
@@ -1190,17 +1268,22 @@ impl Fs {
         }
     }
 
-    /// Uploads the file if it is dirty: a close of `fh` (FUSE `FLUSH`).
+    /// Saves the file if it is dirty: a close of `fh` (FUSE `FLUSH`).
     ///
-    /// When no other handle may write the file, the staging copy itself is handed to
-    /// the backing (which links it into the outbox, no copy) and *sealed*: a writer
-    /// that opens the file later waits for this handle's `RELEASE` (which the kernel
-    /// sends right after the close) and gets a copy, and a write through the daemon
-    /// copies first. Otherwise it is snapshotted first, because another writer may
-    /// change it through passthrough without the daemon seeing it. Only a descriptor
-    /// duplicated before the close (kept open past the wait) can still write the
-    /// handed-over file through passthrough: the upload of that moment may then be
-    /// refused by the server (its content no longer matches its version).
+    /// When no other handle may write the file, the staging copy itself is *handed
+    /// over* to the backing ([`Backing::hand_over`]: the agent links it into its
+    /// outbox with a note, which survives a crash of the agent; no hashing, no copy,
+    /// so the close does not wait for the file to be read again) and *sealed*. It is
+    /// uploaded (hashed and queued) at this handle's `RELEASE`, which the kernel sends
+    /// right after the close without making the closing process wait for it, or by
+    /// the next operation that must come after it (a rename, a removal, another
+    /// upload, a listing). A writer that opens the file later waits for that
+    /// `RELEASE` and gets a copy, and a write through the daemon copies first.
+    /// Otherwise the file is snapshotted and uploaded at once, because another writer
+    /// may change it through passthrough without the daemon seeing it. Only a
+    /// descriptor duplicated before the close (kept open past the wait) can still
+    /// write the handed-over file through passthrough: the upload of that moment may
+    /// then be refused by the server (its content no longer matches its version).
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         self.flush_handle(fh, true)
     }
@@ -1213,19 +1296,32 @@ impl Fs {
 
     fn flush_handle(&self, fh: u64, closing: bool) -> FsResult<()> {
         let mut st = self.lock();
-        let ino = st.handles.get(&fh).ok_or(FsError::BadHandle(fh))?.ino;
-        let other_writers = st
-            .handles
-            .iter()
-            .filter(|(h, handle)| **h != fh && handle.ino == ino && handle.write)
-            .count();
-        self.upload(&mut st, ino, closing && other_writers == 0)
+        let (ino, alone) = Self::writers(&st, fh)?;
+        if closing && alone {
+            self.hand_over(&mut st, ino)
+        } else {
+            self.upload(&mut st, ino, false)
+        }
     }
 
-    /// Closes a handle; a dirty file is uploaded first.
+    /// The inode of `fh` and whether no other handle may write it.
+    fn writers(st: &State, fh: u64) -> FsResult<(u64, bool)> {
+        let ino = st.handles.get(&fh).ok_or(FsError::BadHandle(fh))?.ino;
+        let alone = !st
+            .handles
+            .iter()
+            .any(|(h, handle)| *h != fh && handle.ino == ino && handle.write);
+        Ok((ino, alone))
+    }
+
+    /// Closes a handle: a file handed over at its close is uploaded, and a dirty one
+    /// (no `FLUSH` came) is uploaded now.
     pub fn release(&self, fh: u64) -> FsResult<()> {
-        let result = self.flush(fh);
         let mut st = self.lock();
+        let (ino, alone) = Self::writers(&st, fh)?;
+        let result = self
+            .upload_handed_one(&mut st, ino)
+            .and_then(|()| self.upload(&mut st, ino, alone));
         let Some(h) = st.handles.remove(&fh) else {
             return Err(FsError::BadHandle(fh));
         };
@@ -1277,6 +1373,7 @@ impl Fs {
             return Err(FsError::Exists);
         }
         let rel = Self::child_path(&st, parent, name)?;
+        self.upload_handed(&mut st);
         self.backing.mkdir(self.config.root, &rel)?;
         let content = Content::Remote {
             version: String::new(),
@@ -1306,7 +1403,8 @@ impl Fs {
             }
             _ => {}
         }
-        if node.in_backing {
+        self.upload_handed(&mut st);
+        if Self::node(&st, ino)?.in_backing {
             let rel = Self::child_path(&st, parent, name)?;
             self.backing.remove(self.config.root, &rel, kind)?;
         }
@@ -1377,6 +1475,7 @@ impl Fs {
         }
         let from = Self::child_path(&st, parent, name)?;
         let to = Self::child_path(&st, new_parent, new_name)?;
+        self.upload_handed(&mut st);
         if Self::node(&st, ino)?.in_backing {
             self.backing.rename(self.config.root, &from, &to)?;
         } else if let Some(t) = target

@@ -17,7 +17,10 @@ pub mod error;
 pub mod fuse;
 pub mod path;
 
-pub use backing::{Backing, BackingRequest, ChannelBacking, Listing, LocalDir, validate_listing};
+pub use backing::{
+    Backing, BackingRequest, ChannelBacking, Listing, LocalDir, Ticket, upload_now,
+    validate_listing,
+};
 pub use core::{Attr, Clock, Fs, FsConfig, ManualClock, OpenMode, Opened, ROOT_INO, SystemClock};
 pub use error::{BackingError, FsError, ListingError, PathError};
 pub use fuse::{MountOptions, Mounted, detach_stale, mount};

@@ -86,14 +86,16 @@ impl Backing for Fixed {
     ) -> Result<bytes::Bytes, BackingError> {
         Ok(bytes::Bytes::new())
     }
-    fn upload(
+    fn hand_over(
         &self,
         _: FileRoot,
         _: &str,
         _: &str,
         _: &std::path::Path,
-        _: &str,
-    ) -> Result<String, BackingError> {
+    ) -> Result<nbagent_fusefs::Ticket, BackingError> {
+        Err(BackingError::ReadOnly)
+    }
+    fn upload(&self, _: nbagent_fusefs::Ticket) -> Result<String, BackingError> {
         Err(BackingError::ReadOnly)
     }
     fn mkdir(&self, _: FileRoot, _: &str) -> Result<(), BackingError> {
@@ -217,7 +219,7 @@ fn attribute_and_negative_caches_follow_the_clock() {
 }
 
 #[test]
-fn unlinked_open_file_stays_readable_and_writes_stage_until_flush() {
+fn unlinked_open_file_stays_readable_and_writes_stage_until_released() {
     let b = tempfile::tempdir().unwrap();
     let w = tempfile::tempdir().unwrap();
     fs::write(b.path().join("a"), "hello").unwrap();
@@ -237,8 +239,11 @@ fn unlinked_open_file_stays_readable_and_writes_stage_until_flush() {
     );
     assert_eq!(fs.getattr(a.ino).unwrap().size, 11);
     fs.flush(o.fh).unwrap();
-    assert_eq!(fs::read(b.path().join("a")).unwrap(), b"hello world");
+    // The close hands the file over; the release (which the closing process does
+    // not wait for) uploads it.
+    assert_eq!(fs::read(b.path().join("a")).unwrap(), b"hello");
     fs.release(o.fh).unwrap();
+    assert_eq!(fs::read(b.path().join("a")).unwrap(), b"hello world");
     // Read handle survives unlink.
     let r = fs.open(a.ino, OpenMode::default()).unwrap();
     assert!(
@@ -324,20 +329,22 @@ impl Backing for Linking {
     ) -> Result<bytes::Bytes, BackingError> {
         self.inner.read(root, path, version, offset, len)
     }
-    fn upload(
+    fn hand_over(
         &self,
         root: FileRoot,
         path: &str,
         base: &str,
         staged: &std::path::Path,
-        version: &str,
-    ) -> Result<String, BackingError> {
+    ) -> Result<nbagent_fusefs::Ticket, BackingError> {
         let mut links = self.links.lock().unwrap();
         let link = self.keep.join(links.len().to_string());
         fs::hard_link(staged, &link).unwrap();
         links.push(link);
         drop(links);
-        self.inner.upload(root, path, base, staged, version)
+        self.inner.hand_over(root, path, base, staged)
+    }
+    fn upload(&self, ticket: nbagent_fusefs::Ticket) -> Result<String, BackingError> {
+        self.inner.upload(ticket)
     }
     fn mkdir(&self, root: FileRoot, path: &str) -> Result<(), BackingError> {
         self.inner.mkdir(root, path)

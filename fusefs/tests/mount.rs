@@ -84,31 +84,27 @@ fn read_and_write_through_a_mount() {
         }
     }
 
-    // New file: written, closed, uploaded.
+    // New file: written, closed (handed over), uploaded before the next namespace
+    // operation, whenever the kernel's RELEASE comes.
     let new = pattern(3 << 20);
     let mut f = fs::File::create(mnt.join("data/out.bin")).unwrap();
     f.write_all(&new).unwrap();
     drop(f);
-    assert_eq!(fs::read(b.join("data/out.bin")).unwrap(), new);
     assert_eq!(
         fs::metadata(mnt.join("data/out.bin")).unwrap().len(),
         new.len() as u64
     );
-    // Overwrite an existing file.
+    fs::create_dir(mnt.join("out")).unwrap();
+    assert_eq!(fs::read(b.join("data/out.bin")).unwrap(), new);
+    // Overwrite an existing file, then append: the kernel sends the RELEASE of each
+    // handle asynchronously after close(2), and the upload happens there.
     fs::write(mnt.join("data/t.csv"), "name,value\n").unwrap();
-    assert_eq!(
-        fs::read_to_string(b.join("data/t.csv")).unwrap(),
-        "name,value\n"
-    );
-    // Append.
     let mut f = OpenOptions::new()
         .append(true)
         .open(mnt.join("data/t.csv"))
         .unwrap();
     f.write_all(b"gamma,3\n").unwrap();
     drop(f);
-    // The kernel sends RELEASE of the previous handle asynchronously after close(2):
-    // wait (bounded) for the backing rather than assume the order of the two uploads.
     let want = "name,value\ngamma,3\n";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while fs::read_to_string(b.join("data/t.csv")).unwrap() != want
@@ -118,7 +114,6 @@ fn read_and_write_through_a_mount() {
     }
     assert_eq!(fs::read_to_string(b.join("data/t.csv")).unwrap(), want);
     // Namespace operations reach the backing.
-    fs::create_dir(mnt.join("out")).unwrap();
     fs::rename(mnt.join("data/out.bin"), mnt.join("out/moved.bin")).unwrap();
     assert_eq!(fs::read(b.join("out/moved.bin")).unwrap(), new);
     fs::remove_file(mnt.join("out/moved.bin")).unwrap();

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use nbagent::runtime::KernelRecord;
 use nbagent::runtime::record::proc_stat;
-use nbagent_protocol::{CellSource, CheckpointEvent, Envelope, Feature, FileRoot, Message};
+use nbagent_protocol::{
+    CellSource, CheckpointEvent, Envelope, Feature, FileRoot, Message, OutputContent,
+};
 use nbserver::run::{self, CellResult};
 use nbserver::store::StoredMessage;
 
@@ -577,6 +579,28 @@ pub fn unix_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// `outputs` with consecutive stream texts of one stream joined: the kernel flushes
+/// stdout when it likes, so one `print` may arrive in one message or in two.
+pub fn joined_streams(outputs: &[OutputContent]) -> Vec<OutputContent> {
+    let mut out: Vec<OutputContent> = Vec::with_capacity(outputs.len());
+    for o in outputs {
+        if let (
+            Some(OutputContent::Stream {
+                name: prev,
+                text: acc,
+            }),
+            OutputContent::Stream { name, text },
+        ) = (out.last_mut(), o)
+            && prev == name
+        {
+            acc.push_str(text);
+            continue;
+        }
+        out.push(o.clone());
+    }
+    out
+}
+
 /// The stdout text of a cell, concatenated.
 pub fn stdout_of(r: &CellResult) -> String {
     stream_of(r, "stdout")
@@ -587,9 +611,7 @@ pub fn stream_of(r: &CellResult, stream: &str) -> String {
     r.outputs
         .iter()
         .filter_map(|o| match o {
-            nbagent_protocol::OutputContent::Stream { name, text } if name == stream => {
-                Some(text.as_str())
-            }
+            OutputContent::Stream { name, text } if name == stream => Some(text.as_str()),
             _ => None,
         })
         .collect()

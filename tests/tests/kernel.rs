@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use nbagent_protocol::{CellStatus, KernelState, Message, OutputContent};
 use nbagent_tests::kernel::{
-    self, Notebook, Setup, Stored, children, exists, missing_prerequisite, stdout_of, tree,
+    self, Notebook, Setup, Stored, children, exists, joined_streams, missing_prerequisite,
+    stdout_of, tree,
 };
 use nbagent_tests::wait_until;
 use serde_json::{Value, json};
@@ -628,7 +629,7 @@ async fn agent_crash_keeps_the_kernel() {
     // after the adoption ('done'). The command was not delivered again: 'started' once.
     assert_eq!(r.status, CellStatus::Ok, "{:?}", r.outputs);
     assert_eq!(
-        r.outputs,
+        joined_streams(&r.outputs),
         [
             OutputContent::Stream {
                 name: "stdout".into(),

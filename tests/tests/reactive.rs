@@ -14,10 +14,10 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use nbagent_protocol::{CellSource, CellStatus, CheckpointEvent, OutputContent};
+use nbagent_protocol::{CellSource, CellStatus, CheckpointEvent};
 use nbagent_tests::kernel::{
-    CheckpointReport, KERNEL_USER, Notebook, Setup, missing_checkpoint_prerequisite,
-    missing_prerequisite, stdout_of,
+    CheckpointReport, KERNEL_USER, Notebook, Setup, joined_streams,
+    missing_checkpoint_prerequisite, missing_prerequisite, stdout_of,
 };
 use nbserver::run::CellResult;
 use sha2::Digest;
@@ -78,28 +78,6 @@ fn events(all: &[CheckpointReport], since: usize, event: CheckpointEvent) -> Vec
         .filter(|c| c.event == event)
         .cloned()
         .collect()
-}
-
-/// `outputs` with consecutive stream texts of one stream joined: the kernel flushes
-/// stdout when it likes, so one `print` may arrive in one message or in two.
-fn joined_streams(outputs: &[OutputContent]) -> Vec<OutputContent> {
-    let mut out: Vec<OutputContent> = Vec::with_capacity(outputs.len());
-    for o in outputs {
-        if let (
-            Some(OutputContent::Stream {
-                name: prev,
-                text: acc,
-            }),
-            OutputContent::Stream { name, text },
-        ) = (out.last_mut(), o)
-            && prev == name
-        {
-            acc.push_str(text);
-            continue;
-        }
-        out.push(o.clone());
-    }
-    out
 }
 
 /// Asserts that the cells a re-run executed produced what the same cells produced in

@@ -776,3 +776,98 @@ fn periodic_policy_syncs_attachments_later_not_at_append() {
     ob.append_attached(&mut att, &[(blob(3), 0, 64)]).unwrap();
     assert!(ob.take_unsynced().is_empty());
 }
+
+#[test]
+fn a_held_file_survives_a_restart_until_appended() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("outbox");
+    let ob = Outbox::open(config(&dir)).unwrap();
+    let src = tmp.path().join("src");
+    fs::write(&src, [9u8; 100]).unwrap();
+    let att = ob.attachment_stager().hold(&src, b"note one").unwrap();
+    // Dropping the handle (a crash) keeps it; the source may go.
+    drop(att);
+    fs::remove_file(&src).unwrap();
+    drop(ob);
+
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    let mut held = ob.take_held();
+    assert!(ob.take_held().is_empty(), "taken once");
+    assert_eq!(held.len(), 1);
+    let (mut att, note) = held.remove(0);
+    assert_eq!(note, b"note one");
+    assert_eq!(att.len(), 100);
+    assert_eq!(fs::read(att.path()).unwrap(), [9u8; 100]);
+    // Appended: the file gets its final name and the note goes.
+    let parts = [(blob(1), 0, 60), (blob(2), 60, 40)];
+    assert_eq!(ob.append_attached(&mut att, &parts).unwrap(), 2);
+    drop(att);
+    assert_eq!(
+        outbox_files(&dir, ATT_PREFIX),
+        vec![format!("{ATT_PREFIX}{:020}", 1)]
+    );
+    drop(ob);
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    assert!(ob.take_held().is_empty());
+    let frames = all(&ob);
+    assert_eq!(decode(&frames[1].1).1.as_ref(), &[9u8; 40]);
+}
+
+#[test]
+fn a_crash_in_the_middle_of_appending_a_held_file_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("outbox");
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    let src = tmp.path().join("src");
+    fs::write(&src, [4u8; 10]).unwrap();
+    let mut att = ob.attachment_stager().hold(&src, b"n").unwrap();
+    let held_path = att.path().to_owned();
+    ob.append_attached(&mut att, &[(blob(1), 0, 10)]).unwrap();
+    drop(att);
+    drop(ob);
+    // As if the agent died after writing the records, before the rename: the records
+    // point at a missing attachment and are cut; the held file is handed back.
+    let appended = dir.join(format!("{ATT_PREFIX}{:020}", 1));
+    fs::rename(&appended, &held_path).unwrap();
+    fs::write(note_path(&held_path), b"n").unwrap();
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    assert_eq!(ob.window(), SendWindow::resume(0, 0));
+    let mut held = ob.take_held();
+    assert_eq!(held.len(), 1);
+    let (mut att, _) = held.remove(0);
+    assert_eq!(
+        ob.append_attached(&mut att, &[(blob(1), 0, 10)]).unwrap(),
+        1
+    );
+    drop(att);
+    drop(ob);
+    // After the rename, before the note's removal: the lone note is removed.
+    fs::write(note_path(&held_path), b"n").unwrap();
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    assert!(ob.take_held().is_empty());
+    assert!(outbox_files(&dir, &format!("{ATT_PREFIX}held")).is_empty());
+    assert_eq!(decode(&all(&ob)[0].1).1.as_ref(), &[4u8; 10]);
+}
+
+#[test]
+fn held_files_are_released_or_removed_without_a_note() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("outbox");
+    let ob = Outbox::open(config(&dir)).unwrap();
+    let src = tmp.path().join("src");
+    fs::write(&src, b"abc").unwrap();
+    let att = ob.attachment_stager().hold(&src, b"x").unwrap();
+    assert_eq!(outbox_files(&dir, ATT_PREFIX).len(), 2, "file and note");
+    att.release();
+    assert!(outbox_files(&dir, ATT_PREFIX).is_empty());
+    // A note lost (crash while holding) or absurdly large: the file is dropped.
+    let a = ob.attachment_stager().hold(&src, b"x").unwrap();
+    fs::remove_file(note_path(a.path())).unwrap();
+    let b = ob.attachment_stager().hold(&src, b"y").unwrap();
+    fs::write(note_path(b.path()), vec![0u8; MAX_NOTE_LEN as usize + 1]).unwrap();
+    drop((a, b));
+    drop(ob);
+    let mut ob = Outbox::open(config(&dir)).unwrap();
+    assert!(ob.take_held().is_empty());
+    assert!(outbox_files(&dir, ATT_PREFIX).is_empty());
+}
