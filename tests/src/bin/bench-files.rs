@@ -245,10 +245,12 @@ fn read_all(path: &Path) -> anyhow::Result<(u64, Duration)> {
 }
 
 /// Writes `data` to a new file and closes it; returns the time of the whole and of the
-/// close alone. Dirty pages of earlier work are written back first (untimed), so that
-/// neither side pays for the other's writeback.
+/// close alone. Dirty pages of earlier work are written back first and memory for the
+/// new page cache is touched (untimed), so that neither side pays for the other's
+/// writeback or for the memory the VM handed back to the host while the other ran.
 fn write_all(path: &Path, data: &[u8]) -> anyhow::Result<(Duration, Duration)> {
     nix::unistd::sync();
+    touch_memory(data.len().saturating_mul(2));
     let start = Instant::now();
     let mut f = File::create(path).with_context(|| format!("create {}", path.display()))?;
     for chunk in data.chunks(1 << 20) {
@@ -585,9 +587,16 @@ async fn main() -> anyhow::Result<()> {
     let expected = data.clone();
     let (native_out, fuse_out) = (native.path().join("out.bin"), nb_dir.join("out.bin"));
     let (native_w, fuse_w, data) = run_blocking(move || {
-        touch_memory(size.saturating_mul(2));
-        let (native_w, _) = write_all(&native_out, &data)?;
-        let fuse_w = write_all(&fuse_out, &data)?;
+        // Best of three, the two sides alternating (the same file rewritten).
+        let mut native_w = Duration::MAX;
+        let mut fuse_w = (Duration::MAX, Duration::ZERO);
+        for _ in 0..3 {
+            native_w = native_w.min(write_all(&native_out, &data)?.0);
+            let w = write_all(&fuse_out, &data)?;
+            if w.0 < fuse_w.0 {
+                fuse_w = w;
+            }
+        }
         Ok((native_w, fuse_w, data))
     })
     .await
