@@ -985,6 +985,19 @@ mod tests {
     };
 
     /// A fake server: answers listings with `entries` and reads with "not found".
+    /// A [`serve`] task over `shared`, asking a fake server that lists `entries`.
+    fn served(
+        shared: &Arc<Shared>,
+        entries: Vec<FileEntry>,
+    ) -> (ChannelBacking, tokio::task::JoinHandle<()>) {
+        let (queries, rx) = Queries::new(8);
+        fake_server(rx, entries);
+        let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
+        let sender = Sender::new(shared.clone());
+        let task = tokio::spawn(serve(requests, queries, sender, shared.clone(), LIMITS));
+        (backing, task)
+    }
+
     fn fake_server(rx: mpsc::Receiver<crate::channel::Query>, entries: Vec<FileEntry>) {
         fake_server_reading(rx, entries, None);
     }
@@ -1038,8 +1051,6 @@ mod tests {
             Outbox::open(OutboxConfig::new(dir.path().join("outbox"))).unwrap(),
             false,
         );
-        let sender = Sender::new(shared.clone());
-        let (queries, rx) = Queries::new(8);
         let on_server = FileEntry {
             path: "a.csv".into(),
             kind: FileKind::File,
@@ -1047,9 +1058,7 @@ mod tests {
             mtime_ms: 0,
             version: "old".into(),
         };
-        fake_server(rx, vec![on_server.clone()]);
-        let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
-        tokio::spawn(serve(requests, queries, sender, shared.clone(), LIMITS));
+        let (backing, _) = served(&shared, vec![on_server.clone()]);
         let staged = dir.path().join("staged");
         let content: Vec<u8> = (0..CHUNK + CHUNK / 2).map(|i| i as u8).collect();
         std::fs::write(&staged, &content).unwrap();
@@ -1139,16 +1148,7 @@ mod tests {
         std::fs::write(&unchanged, b"same").unwrap();
         {
             let shared = Shared::new(Outbox::open(OutboxConfig::new(&outbox_dir)).unwrap(), false);
-            let (queries, rx) = Queries::new(8);
-            fake_server(rx, vec![]);
-            let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
-            let serving = tokio::spawn(serve(
-                requests,
-                queries,
-                Sender::new(shared.clone()),
-                shared.clone(),
-                LIMITS,
-            ));
+            let (backing, serving) = served(&shared, vec![]);
             let (s, u) = (staged.clone(), unchanged.clone());
             tokio::task::spawn_blocking(move || {
                 backing
@@ -1175,16 +1175,7 @@ mod tests {
         std::fs::remove_file(&staged).unwrap();
         std::fs::remove_file(&unchanged).unwrap();
         let shared = Shared::new(Outbox::open(OutboxConfig::new(&outbox_dir)).unwrap(), false);
-        let (queries, rx) = Queries::new(8);
-        fake_server(rx, vec![]);
-        let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
-        tokio::spawn(serve(
-            requests,
-            queries,
-            Sender::new(shared.clone()),
-            shared.clone(),
-            LIMITS,
-        ));
+        let (backing, _) = served(&shared, vec![]);
         // The first listing is answered after the recovery, and shows the upload.
         let listed = tokio::task::spawn_blocking(move || backing.list(FileRoot::Notebook))
             .await
@@ -1329,22 +1320,13 @@ mod tests {
             Outbox::open(OutboxConfig::new(dir.path().join("outbox"))).unwrap(),
             false,
         );
-        let (queries, rx) = Queries::new(8);
-        fake_server(
-            rx,
+        let (backing, _) = served(
+            &shared,
             vec![
                 entry("a.csv", FileKind::File, "va"),
                 entry("b.csv", FileKind::File, "vb"),
             ],
         );
-        let (backing, requests) = ChannelBacking::new(8, Duration::from_secs(5));
-        tokio::spawn(serve(
-            requests,
-            queries,
-            Sender::new(shared.clone()),
-            shared.clone(),
-            LIMITS,
-        ));
         let last = |shared: &Shared| {
             let (seq, raw) = shared.outbox().last().unwrap().unwrap();
             (seq, raw.parse().unwrap().envelope.msg)

@@ -280,6 +280,22 @@ fn stat_loop(dir: &Path, n: usize) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
+/// Lists `dir` and stats every entry (`ls -l`); returns the time and the count.
+fn list_stat(dir: &Path) -> anyhow::Result<(Duration, usize)> {
+    let start = Instant::now();
+    let mut n = 0;
+    for e in fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+        let m = fs::metadata(e?.path())?;
+        anyhow::ensure!(
+            m.len() == SMALL as u64,
+            "a small file has {} bytes",
+            m.len()
+        );
+        n += 1;
+    }
+    Ok((start.elapsed(), n))
+}
+
 /// Opens each small file, reads 4 KiB, closes it.
 fn small_reads(dir: &Path, n: usize) -> anyhow::Result<Duration> {
     let mut buf = vec![0u8; SMALL];
@@ -654,13 +670,26 @@ async fn main() -> anyhow::Result<()> {
         let fuse_cold = stat_loop(&fm, n)?;
         let fuse_warm = best_of(3, || stat_loop(&fm, n))?;
         drop_caches()?;
+        let (native_ls, count) = list_stat(&nm)?;
+        anyhow::ensure!(count == n, "listed {count} of {n} native files");
+        drop_caches()?;
+        let (fuse_ls, count) = list_stat(&fm)?;
+        anyhow::ensure!(count == n, "listed {count} of {n} files through the mount");
+        drop_caches()?;
         let native_rd_cold = small_reads(&nm, n)?;
         let native_rd_warm = best_of(3, || small_reads(&nm, n))?;
         drop_caches()?;
         let fuse_rd_cold = small_reads(&fm, n)?;
         let fuse_rd_warm = best_of(3, || small_reads(&fm, n))?;
         Ok((
-            [native_cold, fuse_cold, native_warm, fuse_warm],
+            [
+                native_cold,
+                fuse_cold,
+                native_warm,
+                fuse_warm,
+                native_ls,
+                fuse_ls,
+            ],
             [native_rd_cold, fuse_rd_cold, native_rd_warm, fuse_rd_warm],
         ))
     })
@@ -679,6 +708,13 @@ async fn main() -> anyhow::Result<()> {
         agent: per_sec(n, stat[3]),
         unit: "ops/s",
         target: Target::OfNative(0.8),
+    });
+    rows.push(Row {
+        what: format!("list + stat {n} files (ls -l), cold"),
+        native: per_sec(n, stat[4]),
+        agent: per_sec(n, stat[5]),
+        unit: "ops/s",
+        target: Target::None,
     });
     rows.push(Row {
         what: format!("open+4 KiB read+close x{n}, cold"),
