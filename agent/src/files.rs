@@ -279,8 +279,9 @@ struct Served {
     next_ticket: std::sync::atomic::AtomicU64,
 }
 
-/// Answers the requests of a [`ChannelBacking`] until its senders are gone. Files
-/// handed over before a crash of the agent (held in the outbox) are uploaded first.
+/// Answers the requests of a [`ChannelBacking`] until its senders are gone, then waits
+/// for the answers in flight (dropping the future cancels them). Files handed over
+/// before a crash of the agent (held in the outbox) are uploaded first.
 pub async fn serve(
     mut requests: mpsc::Receiver<BackingRequest>,
     queries: Queries,
@@ -309,17 +310,26 @@ pub async fn serve(
             }
         }
     }
-    while let Some(req) = requests.recv().await {
+    let mut answering = tokio::task::JoinSet::new();
+    loop {
+        let req = tokio::select! {
+            req = requests.recv() => match req {
+                Some(req) => req,
+                None => break,
+            },
+            Some(_) = answering.join_next() => continue,
+        };
         let (queries, sender, shared, served) = (
             queries.clone(),
             sender.clone(),
             shared.clone(),
             served.clone(),
         );
-        tokio::spawn(async move {
+        answering.spawn(async move {
             answer(req, &queries, &sender, &shared, &served, limits).await;
         });
     }
+    while answering.join_next().await.is_some() {}
 }
 
 fn query_error(op: &'static str, e: QueryError) -> BackingError {
@@ -1166,9 +1176,9 @@ mod tests {
             })
             .await
             .unwrap();
-            // The agent dies before the release: nothing queued yet.
-            serving.abort();
-            let _ = serving.await;
+            // The agent dies before the release: nothing queued yet. (The backing is
+            // gone, so `serve` ends once its answers are done and lets go of the outbox.)
+            serving.await.unwrap();
             assert_eq!(shared.outbox().pending_count(), 0);
         }
         // The staging copies are gone with the old agent's work directory.

@@ -265,6 +265,8 @@ struct State {
     staging_seq: u64,
     /// Inodes whose staging copy is handed over and not uploaded yet.
     handed: BTreeSet<u64>,
+    /// Inodes whose handed-over copy a thread is uploading (without the lock).
+    uploading: BTreeSet<u64>,
 }
 
 /// The filesystem core over one tree of a [`Backing`]. All methods take `&self` and are
@@ -346,6 +348,7 @@ impl Fs {
                 vanished: HashMap::new(),
                 staging_seq: 0,
                 handed: BTreeSet::new(),
+                uploading: BTreeSet::new(),
             }),
             released: std::sync::Condvar::new(),
         };
@@ -415,7 +418,6 @@ impl Fs {
     }
 
     fn relist(&self, st: &mut State) -> FsResult<()> {
-        self.upload_handed(st);
         let listing = self.list_validated()?;
         st.writable = listing.writable;
         st.listed_at = self.clock.now();
@@ -677,9 +679,9 @@ impl Fs {
     }
 
     /// Gives `ino` a staging copy holding its current content (or nothing if `empty`).
+    /// The caller has [settled](Self::settle) the handed-over files: a copy starts
+    /// from the version of the file it copies.
     fn stage(&self, st: &mut State, ino: u64, empty: bool) -> FsResult<()> {
-        // A copy starts from the version of the handed-over file.
-        self.upload_handed(st);
         let (version, size) = match &Self::node(st, ino)?.content {
             Content::Staged(s) if s.sealed => {
                 // Copy-on-write: the sealed file belongs to a queued upload.
@@ -739,7 +741,7 @@ impl Fs {
         let Content::Staged(s) = &node.content else {
             return Ok(false);
         };
-        if !s.dirty || s.handed.is_some() {
+        if !s.dirty || s.handed.is_some() || st.uploading.contains(&ino) {
             return Ok(false);
         }
         if node.linked {
@@ -779,33 +781,72 @@ impl Fs {
         Ok(())
     }
 
-    /// Uploads the file `ino` handed over, if any.
-    fn upload_handed_one(&self, st: &mut State, ino: u64) -> FsResult<()> {
-        st.handed.remove(&ino);
-        let Some(Inode {
-            content: Content::Staged(s),
-            ..
-        }) = st.inodes.get_mut(&ino)
-        else {
-            return Ok(());
-        };
-        let Some(ticket) = s.handed.take() else {
-            return Ok(());
-        };
-        let version = self.backing.upload(ticket).inspect_err(
-            |e| tracing::warn!(ino, error = %e, "upload failed; the file stays dirty"),
-        )?;
-        self.uploaded(st, ino, version, true);
-        Ok(())
+    /// Uploads the files handed over (see [`Fs::flush`]), in order, before an operation
+    /// that must come after them (a rename of one, a new writer's copy, another
+    /// upload); waits for the ones another thread is uploading. The lock is not held
+    /// while the backing hashes and queues a file: lookups, reads and listings go on
+    /// meanwhile. Failures are logged; those files stay dirty and their next close or
+    /// fsync tries again.
+    fn settle<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        loop {
+            if let Some(ino) = st.handed.pop_first() {
+                st = self.upload_handed(st, ino);
+            } else if st.uploading.is_empty() {
+                return st;
+            } else {
+                st = self.wait_released(st);
+            }
+        }
     }
 
-    /// Uploads every file handed over, in order, before an operation that must come
-    /// after them (a rename of one, a listing); failures are logged (those files stay
-    /// dirty and their next close tries again).
-    fn upload_handed(&self, st: &mut State) {
-        while let Some(ino) = st.handed.pop_first() {
-            let _ = self.upload_handed_one(st, ino);
+    /// [Settles](Self::settle) the file `ino` only: before a new copy of it, or the
+    /// close of a handle on it (which may drop the copy being uploaded).
+    fn settle_one<'a>(&'a self, mut st: MutexGuard<'a, State>, ino: u64) -> MutexGuard<'a, State> {
+        loop {
+            if st.handed.remove(&ino) {
+                st = self.upload_handed(st, ino);
+            } else if st.uploading.contains(&ino) {
+                st = self.wait_released(st);
+            } else {
+                return st;
+            }
         }
+    }
+
+    /// Uploads the handed-over copy of `ino` (taken off `handed` by the caller)
+    /// without holding the lock, and wakes the threads waiting for it.
+    fn upload_handed<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        ino: u64,
+    ) -> MutexGuard<'a, State> {
+        let ticket = match st.inodes.get_mut(&ino) {
+            Some(Inode {
+                content: Content::Staged(s),
+                ..
+            }) => s.handed.take(),
+            _ => None,
+        };
+        let Some(ticket) = ticket else {
+            return st;
+        };
+        st.uploading.insert(ino);
+        drop(st);
+        let result = self.backing.upload(ticket);
+        let mut st = self.lock();
+        st.uploading.remove(&ino);
+        match result {
+            Ok(version) => self.uploaded(&mut st, ino, version, true),
+            Err(e) => tracing::warn!(ino, error = %e, "upload failed; the file stays dirty"),
+        }
+        self.released.notify_all();
+        st
+    }
+
+    fn wait_released<'a>(&'a self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.released
+            .wait(st)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records that `ino` was uploaded as `version`. Unless `frozen` (nobody can write
@@ -829,11 +870,10 @@ impl Fs {
         }
     }
 
-    /// Uploads a dirty staged file now (after the files handed over before it); on
-    /// success the staging copy becomes clean. Unless `frozen` the backing gets a
-    /// snapshot (made in the kernel).
+    /// Uploads a dirty staged file now (the caller has [settled](Self::settle) the
+    /// files handed over before it); on success the staging copy becomes clean.
+    /// Unless `frozen` the backing gets a snapshot (made in the kernel).
     fn upload(&self, st: &mut State, ino: u64, frozen: bool) -> FsResult<()> {
-        self.upload_handed(st);
         if !Self::to_upload(st, ino)? {
             return Ok(());
         }
@@ -879,7 +919,11 @@ impl Fs {
     /// a new writer gets a copy of it rather than the handed-over file; after the
     /// wait, the file is unsealed and written after all (a descriptor of the old
     /// handle is still open: see [`Fs::flush`]).
-    fn wait_unsealed<'a>(&self, mut st: MutexGuard<'a, State>, ino: u64) -> MutexGuard<'a, State> {
+    fn wait_unsealed<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        ino: u64,
+    ) -> MutexGuard<'a, State> {
         let deadline = Instant::now() + SEALED_WAIT;
         loop {
             let busy = st.inodes.get(&ino).is_some_and(|n| {
@@ -887,6 +931,11 @@ impl Fs {
             });
             if !busy {
                 return st;
+            }
+            if st.uploading.contains(&ino) {
+                // Being hashed and queued (by this handle's RELEASE, say): not for long.
+                st = self.wait_released(st);
+                continue;
             }
             let now = Instant::now();
             if now >= deadline {
@@ -1090,6 +1139,7 @@ impl Fs {
         if mode.write || mode.truncate {
             Self::check_writable(&st)?;
             st = self.wait_unsealed(st, ino);
+            st = self.settle_one(st, ino);
             self.stage(&mut st, ino, mode.truncate)?;
             if mode.truncate
                 && let Some(Inode {
@@ -1240,6 +1290,7 @@ impl Fs {
         }
         let ino = h.ino;
         if matches!(Self::node(&st, ino)?.content, Content::Staged(ref s) if s.sealed) {
+            st = self.settle_one(st, ino);
             self.stage(&mut st, ino, false)?;
         }
         match st.inodes.get_mut(&ino).map(|n| &mut n.content) {
@@ -1298,10 +1349,11 @@ impl Fs {
         let mut st = self.lock();
         let (ino, alone) = Self::writers(&st, fh)?;
         if closing && alone {
-            self.hand_over(&mut st, ino)
-        } else {
-            self.upload(&mut st, ino, false)
+            return self.hand_over(&mut st, ino);
         }
+        let mut st = self.settle(st);
+        let ino = Self::writers(&st, fh)?.0;
+        self.upload(&mut st, ino, false)
     }
 
     /// The inode of `fh` and whether no other handle may write it.
@@ -1317,11 +1369,14 @@ impl Fs {
     /// Closes a handle: a file handed over at its close is uploaded, and a dirty one
     /// (no `FLUSH` came) is uploaded now.
     pub fn release(&self, fh: u64) -> FsResult<()> {
-        let mut st = self.lock();
+        let st = self.lock();
+        let ino = Self::writers(&st, fh)?.0;
+        let mut st = self.settle_one(st, ino);
+        if matches!(Self::to_upload(&st, ino), Ok(true)) {
+            st = self.settle(st);
+        }
         let (ino, alone) = Self::writers(&st, fh)?;
-        let result = self
-            .upload_handed_one(&mut st, ino)
-            .and_then(|()| self.upload(&mut st, ino, alone));
+        let result = self.upload(&mut st, ino, alone);
         let Some(h) = st.handles.remove(&fh) else {
             return Err(FsError::BadHandle(fh));
         };
@@ -1344,6 +1399,7 @@ impl Fs {
             return Err(FsError::IsDir);
         }
         Self::check_writable(&st)?;
+        st = self.settle(st);
         self.stage(&mut st, ino, size == 0)?;
         if let Some(Inode {
             content: Content::Staged(s),
@@ -1367,13 +1423,12 @@ impl Fs {
     /// Creates a directory (counts a lookup).
     pub fn mkdir(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let name = validate_name_os(name)?;
-        let mut st = self.lock();
+        let mut st = self.settle(self.lock());
         Self::check_writable(&st)?;
         if Self::dir(&st, parent)?.children.contains_key(name) {
             return Err(FsError::Exists);
         }
         let rel = Self::child_path(&st, parent, name)?;
-        self.upload_handed(&mut st);
         self.backing.mkdir(self.config.root, &rel)?;
         let content = Content::Remote {
             version: String::new(),
@@ -1388,7 +1443,7 @@ impl Fs {
 
     fn remove(&self, parent: u64, name: &OsStr, kind: FileKind) -> FsResult<()> {
         let name = validate_name_os(name)?;
-        let mut st = self.lock();
+        let mut st = self.settle(self.lock());
         Self::check_writable(&st)?;
         let ino = *Self::dir(&st, parent)?
             .children
@@ -1403,7 +1458,6 @@ impl Fs {
             }
             _ => {}
         }
-        self.upload_handed(&mut st);
         if Self::node(&st, ino)?.in_backing {
             let rel = Self::child_path(&st, parent, name)?;
             self.backing.remove(self.config.root, &rel, kind)?;
@@ -1437,7 +1491,7 @@ impl Fs {
     ) -> FsResult<()> {
         let name = validate_name_os(name)?;
         let new_name = validate_name_os(new_name)?;
-        let mut st = self.lock();
+        let mut st = self.settle(self.lock());
         Self::check_writable(&st)?;
         let ino = *Self::dir(&st, parent)?
             .children
@@ -1475,7 +1529,6 @@ impl Fs {
         }
         let from = Self::child_path(&st, parent, name)?;
         let to = Self::child_path(&st, new_parent, new_name)?;
-        self.upload_handed(&mut st);
         if Self::node(&st, ino)?.in_backing {
             self.backing.rename(self.config.root, &from, &to)?;
         } else if let Some(t) = target

@@ -462,3 +462,132 @@ fn writes_behind_the_daemons_back_after_another_close_are_uploaded() {
     fs.release(o2.fh).unwrap();
     assert_eq!(fs::read(b.path().join("a")).unwrap(), b"1230");
 }
+
+/// A local-directory backing whose uploads wait for a go-ahead, saying when they start;
+/// it logs the uploads and renames in the order they reach it.
+#[derive(Debug)]
+struct Gated {
+    inner: nbagent_fusefs::LocalDir,
+    started: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl Backing for Gated {
+    fn list(&self, root: FileRoot) -> Result<Listing, BackingError> {
+        self.inner.list(root)
+    }
+    fn read(
+        &self,
+        root: FileRoot,
+        path: &str,
+        version: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<bytes::Bytes, BackingError> {
+        self.inner.read(root, path, version, offset, len)
+    }
+    fn hand_over(
+        &self,
+        root: FileRoot,
+        path: &str,
+        base: &str,
+        staged: &std::path::Path,
+    ) -> Result<nbagent_fusefs::Ticket, BackingError> {
+        self.log.lock().unwrap().push(format!("hand over {path}"));
+        self.inner.hand_over(root, path, base, staged)
+    }
+    fn upload(&self, ticket: nbagent_fusefs::Ticket) -> Result<String, BackingError> {
+        self.started.lock().unwrap().send(()).unwrap();
+        self.go.lock().unwrap().recv().unwrap();
+        let v = self.inner.upload(ticket);
+        self.log.lock().unwrap().push("upload".to_owned());
+        v
+    }
+    fn mkdir(&self, root: FileRoot, path: &str) -> Result<(), BackingError> {
+        self.inner.mkdir(root, path)
+    }
+    fn remove(&self, root: FileRoot, path: &str, kind: FileKind) -> Result<(), BackingError> {
+        self.inner.remove(root, path, kind)
+    }
+    fn rename(&self, root: FileRoot, from: &str, to: &str) -> Result<(), BackingError> {
+        self.log.lock().unwrap().push(format!("rename {from} {to}"));
+        self.inner.rename(root, from, to)
+    }
+}
+
+#[test]
+fn a_release_uploads_without_stopping_other_operations_and_before_a_rename() {
+    let b = tempfile::tempdir().unwrap();
+    let w = tempfile::tempdir().unwrap();
+    fs::write(b.path().join("a"), "old").unwrap();
+    fs::write(b.path().join("other"), "other bytes").unwrap();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    let backing = Arc::new(Gated {
+        inner: nbagent_fusefs::LocalDir::new().with_tree(FileRoot::Notebook, b.path(), true),
+        started: std::sync::Mutex::new(started_tx),
+        go: std::sync::Mutex::new(go_rx),
+        log: std::sync::Mutex::new(Vec::new()),
+    });
+    let config = FsConfig::new(FileRoot::Notebook, w.path());
+    let fs = Arc::new(
+        Fs::new(
+            config,
+            backing.clone(),
+            Arc::new(nbagent_fusefs::SystemClock),
+        )
+        .unwrap(),
+    );
+    let a = fs.lookup(ROOT_INO, OsStr::new("a")).unwrap();
+    let rw = OpenMode {
+        write: true,
+        truncate: true,
+    };
+    let o = fs.open(a.ino, rw).unwrap();
+    fs.write(o.fh, 0, b"new content").unwrap();
+    // The close hands the file over without uploading it.
+    fs.flush(o.fh).unwrap();
+    assert_eq!(*backing.log.lock().unwrap(), ["hand over a"]);
+    assert_eq!(fs::read(b.path().join("a")).unwrap(), b"old");
+    // The release uploads it; it is held inside the backing's upload.
+    let releasing = {
+        let fs = fs.clone();
+        std::thread::spawn(move || fs.release(o.fh))
+    };
+    started.recv().unwrap();
+    // Meanwhile another file is looked up, opened and read, and `a` is stat'ed.
+    let (done_tx, done) = std::sync::mpsc::channel();
+    {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            let other = fs.lookup(ROOT_INO, OsStr::new("other")).unwrap();
+            let h = fs.open(other.ino, OpenMode::default()).unwrap();
+            let bytes = fs.read(h.fh, 0, 100).unwrap();
+            fs.release(h.fh).unwrap();
+            let size = fs.getattr(a.ino).unwrap().size;
+            done_tx.send((bytes, size)).unwrap();
+        });
+    }
+    let (bytes, size) = done
+        .recv_timeout(Duration::from_secs(30))
+        .expect("other operations waited for the upload");
+    assert_eq!(&bytes[..], b"other bytes");
+    assert_eq!(size, 11);
+    // A rename of `a` now comes after the upload whatever the timing.
+    let renaming = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            fs.rename(ROOT_INO, OsStr::new("a"), ROOT_INO, OsStr::new("c"), false)
+        })
+    };
+    go.send(()).unwrap();
+    releasing.join().unwrap().unwrap();
+    renaming.join().unwrap().unwrap();
+    assert_eq!(
+        *backing.log.lock().unwrap(),
+        ["hand over a", "upload", "rename a c"]
+    );
+    assert_eq!(fs::read(b.path().join("c")).unwrap(), b"new content");
+    assert!(!b.path().join("a").exists());
+}

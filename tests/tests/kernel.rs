@@ -630,16 +630,12 @@ async fn agent_crash_keeps_the_kernel() {
     assert_eq!(r.status, CellStatus::Ok, "{:?}", r.outputs);
     assert_eq!(
         joined_streams(&r.outputs),
-        [
-            OutputContent::Stream {
-                name: "stdout".into(),
-                text: "started\n".into()
-            },
-            OutputContent::Stream {
-                name: "stdout".into(),
-                text: "done\n".into()
-            }
-        ]
+        [OutputContent::Stream {
+            name: "stdout".into(),
+            text: "started\ndone\n".into()
+        }],
+        "{:?}",
+        r.outputs
     );
     assert!(r.duration_ms >= 3000, "duration {} ms", r.duration_ms);
     let after = nb.record().expect("record");
