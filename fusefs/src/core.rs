@@ -1327,8 +1327,8 @@ impl Fs {
     /// so the close does not wait for the file to be read again) and *sealed*. It is
     /// uploaded (hashed and queued) at this handle's `RELEASE`, which the kernel sends
     /// right after the close without making the closing process wait for it, or by
-    /// the next operation that must come after it (a rename, a removal, another
-    /// upload, a listing). A writer that opens the file later waits for that
+    /// the next operation that must come after it (a rename, a removal, a new
+    /// directory, another upload), without the core lock held while it hashes. A writer that opens the file later waits for that
     /// `RELEASE` and gets a copy, and a write through the daemon copies first.
     /// Otherwise the file is snapshotted and uploaded at once, because another writer
     /// may change it through passthrough without the daemon seeing it. Only a
@@ -1367,16 +1367,23 @@ impl Fs {
     }
 
     /// Closes a handle: a file handed over at its close is uploaded, and a dirty one
-    /// (no `FLUSH` came) is uploaded now.
+    /// (no `FLUSH` came) is uploaded now, unless this is a reader and writers remain
+    /// (their close uploads it).
     pub fn release(&self, fh: u64) -> FsResult<()> {
         let st = self.lock();
         let ino = Self::writers(&st, fh)?.0;
         let mut st = self.settle_one(st, ino);
-        if matches!(Self::to_upload(&st, ino), Ok(true)) {
-            st = self.settle(st);
-        }
         let (ino, alone) = Self::writers(&st, fh)?;
-        let result = self.upload(&mut st, ino, alone);
+        let writer = st.handles.get(&fh).is_some_and(|h| h.write);
+        let result = if writer || alone {
+            if matches!(Self::to_upload(&st, ino), Ok(true)) {
+                st = self.settle(st);
+            }
+            let (ino, alone) = Self::writers(&st, fh)?;
+            self.upload(&mut st, ino, alone)
+        } else {
+            Ok(())
+        };
         let Some(h) = st.handles.remove(&fh) else {
             return Err(FsError::BadHandle(fh));
         };

@@ -140,9 +140,16 @@ impl FuseFs {
         self.ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Answers an open from the core's [`Opened`]; see the module documentation.
+    /// Answers an open from the core's [`Opened`]; see the module documentation. A
+    /// reader's close has nothing to hand over: `FOPEN_NOFLUSH` spares it the `FLUSH`
+    /// round trip.
     fn reply_open(&self, ino: u64, write: bool, opened: Opened, reply: ReplyOpen) {
         let fh = opened.fh;
+        let base = if write {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_NOFLUSH
+        };
         let mut ids = self.ids();
         ids.fh_ino.insert(fh, ino);
         let live = ids
@@ -165,7 +172,7 @@ impl FuseFs {
                 self.fs.mark_dirty(fh);
             }
             ids.by_fh.insert(fh, id.clone());
-            reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+            reply.opened_passthrough(FileHandle(fh), base, &id);
             return;
         }
         let cached = ids.cached.get(&ino).copied().unwrap_or(0);
@@ -183,7 +190,7 @@ impl FuseFs {
                         self.fs.mark_dirty(fh);
                     }
                     tracing::debug!(ino, fh, staged = opened.staged, "open with passthrough");
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    reply.opened_passthrough(FileHandle(fh), base, &id);
                     return;
                 }
                 Err(e) => tracing::debug!(ino, error = %e, "passthrough refused; serving reads"),
@@ -191,9 +198,9 @@ impl FuseFs {
         }
         *ids.cached.entry(ino).or_default() += 1;
         let flags = if opened.keep_cache && !write {
-            FopenFlags::FOPEN_KEEP_CACHE
+            base | FopenFlags::FOPEN_KEEP_CACHE
         } else {
-            FopenFlags::empty()
+            base
         };
         reply.opened(FileHandle(fh), flags);
     }

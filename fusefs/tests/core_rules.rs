@@ -591,3 +591,36 @@ fn a_release_uploads_without_stopping_other_operations_and_before_a_rename() {
     assert_eq!(fs::read(b.path().join("c")).unwrap(), b"new content");
     assert!(!b.path().join("a").exists());
 }
+
+#[test]
+fn a_readers_close_leaves_a_writers_file_to_the_writer() {
+    let b = tempfile::tempdir().unwrap();
+    let w = tempfile::tempdir().unwrap();
+    fs::write(b.path().join("a"), "old").unwrap();
+    let fs = common::local_fs(b.path(), w.path(), true, None);
+    let a = fs.lookup(ROOT_INO, OsStr::new("a")).unwrap();
+    let writer = fs
+        .open(
+            a.ino,
+            OpenMode {
+                write: true,
+                truncate: true,
+            },
+        )
+        .unwrap();
+    fs.write(writer.fh, 0, b"half").unwrap();
+    let reader = fs.open(a.ino, OpenMode::default()).unwrap();
+    assert_eq!(&fs.read(reader.fh, 0, 100).unwrap()[..], b"half");
+    // The reader goes while the writer is still at work: nothing is uploaded.
+    fs.release(reader.fh).unwrap();
+    assert_eq!(fs::read(b.path().join("a")).unwrap(), b"old");
+    fs.write(writer.fh, 4, b" and the rest").unwrap();
+    fs.flush(writer.fh).unwrap();
+    fs.release(writer.fh).unwrap();
+    assert_eq!(fs::read(b.path().join("a")).unwrap(), b"half and the rest");
+    // A reader alone with a dirty file (a size change of an open file) uploads it.
+    let reader = fs.open(a.ino, OpenMode::default()).unwrap();
+    fs.set_size(a.ino, 4).unwrap();
+    fs.release(reader.fh).unwrap();
+    assert_eq!(fs::read(b.path().join("a")).unwrap(), b"half");
+}
