@@ -114,14 +114,17 @@ async fn run(client: &mut KernelClient, code: &str) -> (ExecOutcome, Vec<ExecEve
     (outcome, events)
 }
 
+/// The outputs among `events`, consecutive texts of a stream joined (one `print` may
+/// arrive as two messages).
 fn outputs(events: &[ExecEvent]) -> Vec<OutputContent> {
-    events
+    let all: Vec<OutputContent> = events
         .iter()
         .filter_map(|e| match e {
             ExecEvent::Output(o) => Some(o.clone()),
             _ => None,
         })
-        .collect()
+        .collect();
+    OutputContent::coalesce_streams(&all)
 }
 
 fn plain(data: &Value) -> &str {

@@ -487,6 +487,32 @@ pub enum OutputContent {
     },
 }
 
+impl OutputContent {
+    /// `outputs` with consecutive texts of one stream joined, as notebook formats store
+    /// them: a kernel flushes its streams when it likes, so one `print` may arrive as
+    /// one message or as several.
+    #[must_use]
+    pub fn coalesce_streams(outputs: &[OutputContent]) -> Vec<OutputContent> {
+        let mut out: Vec<OutputContent> = Vec::with_capacity(outputs.len());
+        for o in outputs {
+            if let (
+                Some(OutputContent::Stream {
+                    name: prev,
+                    text: acc,
+                }),
+                OutputContent::Stream { name, text },
+            ) = (out.last_mut(), o)
+                && prev == name
+            {
+                acc.push_str(text);
+                continue;
+            }
+            out.push(o.clone());
+        }
+        out
+    }
+}
+
 /// Kernel lifecycle states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -788,5 +814,47 @@ impl Message {
             self,
             Message::BlobChunk { .. } | Message::FileChunk { .. } | Message::FileData { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(name: &str, text: &str) -> OutputContent {
+        OutputContent::Stream {
+            name: name.into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn consecutive_texts_of_one_stream_are_joined_and_nothing_else() {
+        let error = OutputContent::Error {
+            ename: "E".into(),
+            evalue: "v".into(),
+            traceback: vec![],
+        };
+        let outputs = [
+            stream("stdout", "started"),
+            stream("stdout", "\n"),
+            stream("stderr", "warn\n"),
+            stream("stdout", "done\n"),
+            error.clone(),
+            error.clone(),
+            stream("stdout", "after\n"),
+        ];
+        assert_eq!(
+            OutputContent::coalesce_streams(&outputs),
+            [
+                stream("stdout", "started\n"),
+                stream("stderr", "warn\n"),
+                stream("stdout", "done\n"),
+                error.clone(),
+                error,
+                stream("stdout", "after\n"),
+            ]
+        );
+        assert!(OutputContent::coalesce_streams(&[]).is_empty());
     }
 }

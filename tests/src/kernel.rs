@@ -582,23 +582,7 @@ pub fn unix_ms() -> i64 {
 /// `outputs` with consecutive stream texts of one stream joined: the kernel flushes
 /// stdout when it likes, so one `print` may arrive in one message or in two.
 pub fn joined_streams(outputs: &[OutputContent]) -> Vec<OutputContent> {
-    let mut out: Vec<OutputContent> = Vec::with_capacity(outputs.len());
-    for o in outputs {
-        if let (
-            Some(OutputContent::Stream {
-                name: prev,
-                text: acc,
-            }),
-            OutputContent::Stream { name, text },
-        ) = (out.last_mut(), o)
-            && prev == name
-        {
-            acc.push_str(text);
-            continue;
-        }
-        out.push(o.clone());
-    }
-    out
+    OutputContent::coalesce_streams(outputs)
 }
 
 /// The stdout text of a cell, concatenated.

@@ -109,7 +109,9 @@ async fn outputs_of_every_kind_arrive_in_order() {
         r.outputs,
         nb.log_tail()
     );
-    let tags: Vec<String> = r.outputs.iter().map(tag).collect();
+    // One print may arrive as two stream messages: consecutive ones are joined.
+    let outputs = joined_streams(&r.outputs);
+    let tags: Vec<String> = outputs.iter().map(tag).collect();
     assert_eq!(
         tags,
         [
@@ -122,7 +124,7 @@ async fn outputs_of_every_kind_arrive_in_order() {
             "execute_result",
         ],
         "{:#?}",
-        r.outputs
+        outputs
     );
 
     // The PNG the kernel printed, byte for byte, is the blob the server verified.
@@ -136,7 +138,7 @@ async fn outputs_of_every_kind_arrive_in_order() {
         .expect("base64");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
     let hash = hex::encode(sha2::Sha256::digest(&png));
-    let OutputContent::DisplayData { data, .. } = &r.outputs[2] else {
+    let OutputContent::DisplayData { data, .. } = &outputs[2] else {
         unreachable!()
     };
     assert_eq!(data["image/png"], json!({"blob": hash, "size": png.len()}));
@@ -157,17 +159,17 @@ async fn outputs_of_every_kind_arrive_in_order() {
     );
 
     assert_eq!(
-        r.outputs[1],
+        outputs[1],
         OutputContent::Stream {
             name: "stderr".into(),
             text: "to stderr\n".into()
         }
     );
-    let OutputContent::DisplayData { data, .. } = &r.outputs[3] else {
+    let OutputContent::DisplayData { data, .. } = &outputs[3] else {
         unreachable!()
     };
     assert_eq!(plain(data), "first");
-    let OutputContent::UpdateDisplayData { data, .. } = &r.outputs[4] else {
+    let OutputContent::UpdateDisplayData { data, .. } = &outputs[4] else {
         unreachable!()
     };
     assert_eq!(plain(data), "second");
@@ -175,7 +177,7 @@ async fn outputs_of_every_kind_arrive_in_order() {
         execution_count,
         data,
         ..
-    } = &r.outputs[6]
+    } = &outputs[6]
     else {
         unreachable!()
     };
@@ -899,16 +901,18 @@ async fn sigterm_stops_the_kernel_in_order() {
         );
     }
     let outputs = nb.messages("output").await;
+    // One print may arrive as two stream messages: consecutive ones are joined.
     let cell_outputs = |request: &str| -> Vec<String> {
-        outputs
+        let of_cell: Vec<OutputContent> = outputs
             .iter()
             .filter_map(|s| match &s.msg {
                 Message::Output {
                     request: r, output, ..
-                } if r == request => Some(tag(output)),
+                } if r == request => Some(output.clone()),
                 _ => None,
             })
-            .collect()
+            .collect();
+        joined_streams(&of_cell).iter().map(tag).collect()
     };
     assert_eq!(
         cell_outputs(&done.request),
