@@ -6,7 +6,7 @@ mod common;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use nbagent_fusefs::{
@@ -299,23 +299,66 @@ fn a_written_file_that_vanished_from_the_server_fails_its_close() {
     assert!(!b.path().join("b").exists());
 }
 
-/// A local-directory backing that, like the agent's outbox, keeps a hard link to every
-/// file handed to `upload` instead of a copy.
+/// A local-directory backing that records what reaches it: like the agent's outbox it
+/// keeps a hard link to every file handed over instead of a copy; it logs hand-overs,
+/// uploads and renames in the order they come; [gated](Observed::gated), its uploads
+/// say when they start and wait for a go-ahead.
 #[derive(Debug)]
-struct Linking {
+struct Observed {
     inner: nbagent_fusefs::LocalDir,
-    keep: std::path::PathBuf,
-    links: std::sync::Mutex<Vec<std::path::PathBuf>>,
+    keep: tempfile::TempDir,
+    links: Mutex<Vec<std::path::PathBuf>>,
+    log: Mutex<Vec<String>>,
+    gate: Option<Gate>,
 }
 
-impl Linking {
+/// Where a gated upload says it started, and waits for its go-ahead.
+#[derive(Debug)]
+struct Gate {
+    started: Mutex<mpsc::Sender<()>>,
+    go: Mutex<mpsc::Receiver<()>>,
+}
+
+impl Observed {
+    fn new(tree: &std::path::Path) -> Self {
+        Self {
+            inner: nbagent_fusefs::LocalDir::new().with_tree(FileRoot::Notebook, tree, true),
+            keep: tempfile::tempdir().unwrap(),
+            links: Mutex::default(),
+            log: Mutex::default(),
+            gate: None,
+        }
+    }
+
+    /// Uploads send on `started` and then wait for `go`.
+    fn gated(self, started: mpsc::Sender<()>, go: mpsc::Receiver<()>) -> Self {
+        Self {
+            gate: Some(Gate {
+                started: Mutex::new(started),
+                go: Mutex::new(go),
+            }),
+            ..self
+        }
+    }
+
+    /// The contents of the files handed over, as they are now.
     fn linked(&self) -> Vec<Vec<u8>> {
         let links = self.links.lock().unwrap();
         links.iter().map(|p| fs::read(p).unwrap()).collect()
     }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// A core over this backing, working in `work`.
+    fn fs(self: &Arc<Self>, work: &std::path::Path) -> Arc<Fs> {
+        let config = FsConfig::new(FileRoot::Notebook, work);
+        Arc::new(Fs::new(config, self.clone(), Arc::new(nbagent_fusefs::SystemClock)).unwrap())
+    }
 }
 
-impl Backing for Linking {
+impl Backing for Observed {
     fn list(&self, root: FileRoot) -> Result<Listing, BackingError> {
         self.inner.list(root)
     }
@@ -337,14 +380,21 @@ impl Backing for Linking {
         staged: &std::path::Path,
     ) -> Result<nbagent_fusefs::Ticket, BackingError> {
         let mut links = self.links.lock().unwrap();
-        let link = self.keep.join(links.len().to_string());
+        let link = self.keep.path().join(links.len().to_string());
         fs::hard_link(staged, &link).unwrap();
         links.push(link);
         drop(links);
+        self.log.lock().unwrap().push(format!("hand over {path}"));
         self.inner.hand_over(root, path, base, staged)
     }
     fn upload(&self, ticket: nbagent_fusefs::Ticket) -> Result<String, BackingError> {
-        self.inner.upload(ticket)
+        if let Some(gate) = &self.gate {
+            gate.started.lock().unwrap().send(()).unwrap();
+            gate.go.lock().unwrap().recv().unwrap();
+        }
+        let version = self.inner.upload(ticket);
+        self.log.lock().unwrap().push("upload".to_owned());
+        version
     }
     fn mkdir(&self, root: FileRoot, path: &str) -> Result<(), BackingError> {
         self.inner.mkdir(root, path)
@@ -353,6 +403,7 @@ impl Backing for Linking {
         self.inner.remove(root, path, kind)
     }
     fn rename(&self, root: FileRoot, from: &str, to: &str) -> Result<(), BackingError> {
+        self.log.lock().unwrap().push(format!("rename {from} {to}"));
         self.inner.rename(root, from, to)
     }
 }
@@ -361,21 +412,8 @@ impl Backing for Linking {
 fn a_file_handed_over_at_close_is_never_written_again() {
     let b = tempfile::tempdir().unwrap();
     let w = tempfile::tempdir().unwrap();
-    let keep = tempfile::tempdir().unwrap();
-    let backing = Arc::new(Linking {
-        inner: nbagent_fusefs::LocalDir::new().with_tree(FileRoot::Notebook, b.path(), true),
-        keep: keep.path().to_owned(),
-        links: Default::default(),
-    });
-    let config = FsConfig::new(FileRoot::Notebook, w.path());
-    let fs = Arc::new(
-        Fs::new(
-            config,
-            backing.clone(),
-            Arc::new(nbagent_fusefs::SystemClock),
-        )
-        .unwrap(),
-    );
+    let backing = Arc::new(Observed::new(b.path()));
+    let fs = backing.fs(w.path());
     let rw = OpenMode {
         write: true,
         truncate: false,
@@ -463,82 +501,16 @@ fn writes_behind_the_daemons_back_after_another_close_are_uploaded() {
     assert_eq!(fs::read(b.path().join("a")).unwrap(), b"1230");
 }
 
-/// A local-directory backing whose uploads wait for a go-ahead, saying when they start;
-/// it logs the uploads and renames in the order they reach it.
-#[derive(Debug)]
-struct Gated {
-    inner: nbagent_fusefs::LocalDir,
-    started: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
-    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
-    log: std::sync::Mutex<Vec<String>>,
-}
-
-impl Backing for Gated {
-    fn list(&self, root: FileRoot) -> Result<Listing, BackingError> {
-        self.inner.list(root)
-    }
-    fn read(
-        &self,
-        root: FileRoot,
-        path: &str,
-        version: &str,
-        offset: u64,
-        len: u32,
-    ) -> Result<bytes::Bytes, BackingError> {
-        self.inner.read(root, path, version, offset, len)
-    }
-    fn hand_over(
-        &self,
-        root: FileRoot,
-        path: &str,
-        base: &str,
-        staged: &std::path::Path,
-    ) -> Result<nbagent_fusefs::Ticket, BackingError> {
-        self.log.lock().unwrap().push(format!("hand over {path}"));
-        self.inner.hand_over(root, path, base, staged)
-    }
-    fn upload(&self, ticket: nbagent_fusefs::Ticket) -> Result<String, BackingError> {
-        self.started.lock().unwrap().send(()).unwrap();
-        self.go.lock().unwrap().recv().unwrap();
-        let v = self.inner.upload(ticket);
-        self.log.lock().unwrap().push("upload".to_owned());
-        v
-    }
-    fn mkdir(&self, root: FileRoot, path: &str) -> Result<(), BackingError> {
-        self.inner.mkdir(root, path)
-    }
-    fn remove(&self, root: FileRoot, path: &str, kind: FileKind) -> Result<(), BackingError> {
-        self.inner.remove(root, path, kind)
-    }
-    fn rename(&self, root: FileRoot, from: &str, to: &str) -> Result<(), BackingError> {
-        self.log.lock().unwrap().push(format!("rename {from} {to}"));
-        self.inner.rename(root, from, to)
-    }
-}
-
 #[test]
 fn a_release_uploads_without_stopping_other_operations_and_before_a_rename() {
     let b = tempfile::tempdir().unwrap();
     let w = tempfile::tempdir().unwrap();
     fs::write(b.path().join("a"), "old").unwrap();
     fs::write(b.path().join("other"), "other bytes").unwrap();
-    let (started_tx, started) = std::sync::mpsc::channel();
-    let (go, go_rx) = std::sync::mpsc::channel();
-    let backing = Arc::new(Gated {
-        inner: nbagent_fusefs::LocalDir::new().with_tree(FileRoot::Notebook, b.path(), true),
-        started: std::sync::Mutex::new(started_tx),
-        go: std::sync::Mutex::new(go_rx),
-        log: std::sync::Mutex::new(Vec::new()),
-    });
-    let config = FsConfig::new(FileRoot::Notebook, w.path());
-    let fs = Arc::new(
-        Fs::new(
-            config,
-            backing.clone(),
-            Arc::new(nbagent_fusefs::SystemClock),
-        )
-        .unwrap(),
-    );
+    let (started_tx, started) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel();
+    let backing = Arc::new(Observed::new(b.path()).gated(started_tx, go_rx));
+    let fs = backing.fs(w.path());
     let a = fs.lookup(ROOT_INO, OsStr::new("a")).unwrap();
     let rw = OpenMode {
         write: true,
@@ -548,7 +520,7 @@ fn a_release_uploads_without_stopping_other_operations_and_before_a_rename() {
     fs.write(o.fh, 0, b"new content").unwrap();
     // The close hands the file over without uploading it.
     fs.flush(o.fh).unwrap();
-    assert_eq!(*backing.log.lock().unwrap(), ["hand over a"]);
+    assert_eq!(backing.log(), ["hand over a"]);
     assert_eq!(fs::read(b.path().join("a")).unwrap(), b"old");
     // The release uploads it; it is held inside the backing's upload.
     let releasing = {
@@ -584,10 +556,7 @@ fn a_release_uploads_without_stopping_other_operations_and_before_a_rename() {
     go.send(()).unwrap();
     releasing.join().unwrap().unwrap();
     renaming.join().unwrap().unwrap();
-    assert_eq!(
-        *backing.log.lock().unwrap(),
-        ["hand over a", "upload", "rename a c"]
-    );
+    assert_eq!(backing.log(), ["hand over a", "upload", "rename a c"]);
     assert_eq!(fs::read(b.path().join("c")).unwrap(), b"new content");
     assert!(!b.path().join("a").exists());
 }
