@@ -290,26 +290,7 @@ pub async fn serve(
     limits: ServeLimits,
 ) {
     let served = Arc::new(Served::default());
-    let held = shared.outbox().take_held();
-    for (file, note) in held {
-        let note: HeldNote = match serde_json::from_slice(&note) {
-            Ok(n) => n,
-            Err(e) => {
-                warn!(path = %file.path().display(), error = %e, "held file with an unreadable note; dropped");
-                file.release();
-                continue;
-            }
-        };
-        let (root, path) = (note.root, note.path.clone());
-        match upload_handed(&sender, &served, Handed { note, file }).await {
-            Ok(version) => {
-                info!(?root, %path, %version, "file closed before the agent restarted queued for upload")
-            }
-            Err(e) => {
-                warn!(?root, %path, error = %e, "file closed before the agent restarted could not be queued")
-            }
-        }
-    }
+    upload_held_with(&sender, &shared, &served).await;
     let mut answering = tokio::task::JoinSet::new();
     loop {
         let req = tokio::select! {
@@ -330,6 +311,37 @@ pub async fn serve(
         });
     }
     while answering.join_next().await.is_some() {}
+}
+
+/// Uploads the files handed over before a crash of the agent (held in its outbox). With
+/// the attached files on, [`serve`] does it before its first answer; with them off the
+/// agent calls this at start, so what the kernel wrote is not lost because the next
+/// start changed the options.
+pub async fn upload_held(sender: &Sender, shared: &Shared) {
+    upload_held_with(sender, shared, &Served::default()).await;
+}
+
+async fn upload_held_with(sender: &Sender, shared: &Shared, served: &Served) {
+    let held = shared.outbox().take_held();
+    for (file, note) in held {
+        let note: HeldNote = match serde_json::from_slice(&note) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(path = %file.path().display(), error = %e, "held file with an unreadable note; dropped");
+                file.release();
+                continue;
+            }
+        };
+        let (root, path) = (note.root, note.path.clone());
+        match upload_handed(sender, served, Handed { note, file }).await {
+            Ok(version) => {
+                info!(?root, %path, %version, "file closed before the agent restarted queued for upload")
+            }
+            Err(e) => {
+                warn!(?root, %path, error = %e, "file closed before the agent restarted could not be queued")
+            }
+        }
+    }
 }
 
 fn query_error(op: &'static str, e: QueryError) -> BackingError {
@@ -1148,13 +1160,14 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_file_handed_over_before_a_crash_is_uploaded_after_the_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox_dir = dir.path().join("outbox");
-        let staged = dir.path().join("staged");
+    /// An agent with its outbox in `dir/outbox` hands `d/out.txt` (changed) and
+    /// `same.txt` (unchanged) over and dies before their release; their staging copies
+    /// go with it. Returns the outbox directory.
+    async fn crash_after_two_hand_overs(dir: &Path) -> PathBuf {
+        let outbox_dir = dir.join("outbox");
+        let staged = dir.join("staged");
         std::fs::write(&staged, b"written before the crash").unwrap();
-        let unchanged = dir.path().join("unchanged");
+        let unchanged = dir.join("unchanged");
         std::fs::write(&unchanged, b"same").unwrap();
         {
             let shared = Shared::new(Outbox::open(OutboxConfig::new(&outbox_dir)).unwrap(), false);
@@ -1184,16 +1197,15 @@ mod tests {
         // The staging copies are gone with the old agent's work directory.
         std::fs::remove_file(&staged).unwrap();
         std::fs::remove_file(&unchanged).unwrap();
-        let shared = Shared::new(Outbox::open(OutboxConfig::new(&outbox_dir)).unwrap(), false);
-        let (backing, _) = served(&shared, vec![]);
-        // The first listing is answered after the recovery, and shows the upload.
-        let listed = tokio::task::spawn_blocking(move || backing.list(FileRoot::Notebook))
-            .await
-            .unwrap()
-            .unwrap();
+        outbox_dir
+    }
+
+    /// The changed file of [`crash_after_two_hand_overs`] is queued once, the unchanged
+    /// one not at all, and nothing is held any more; returns the version queued.
+    fn assert_uploaded_once(shared: &Shared, outbox_dir: &Path) -> String {
         let version = nbagent_fusefs::backing::hash_bytes(b"written before the crash");
         assert_eq!(
-            queued_chunks(&shared),
+            queued_chunks(shared),
             vec![(
                 "d/out.txt".to_owned(),
                 "v0".to_owned(),
@@ -1202,6 +1214,27 @@ mod tests {
             )],
             "the changed file is queued once, the unchanged one not at all"
         );
+        let held: Vec<_> = std::fs::read_dir(outbox_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("att-held-"))
+            .collect();
+        assert!(held.is_empty(), "{held:?}");
+        version
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_handed_over_before_a_crash_is_uploaded_after_the_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox_dir = crash_after_two_hand_overs(dir.path()).await;
+        let shared = Shared::new(Outbox::open(OutboxConfig::new(&outbox_dir)).unwrap(), false);
+        let (backing, _) = served(&shared, vec![]);
+        // The first listing is answered after the recovery, and shows the upload.
+        let listed = tokio::task::spawn_blocking(move || backing.list(FileRoot::Notebook))
+            .await
+            .unwrap()
+            .unwrap();
+        let version = assert_uploaded_once(&shared, &outbox_dir);
         assert!(
             listed
                 .entries
@@ -1209,13 +1242,15 @@ mod tests {
                 .any(|e| e.path == "d/out.txt" && e.version == version),
             "{listed:?}"
         );
-        // Nothing is held any more.
-        let held: Vec<_> = std::fs::read_dir(&outbox_dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("att-held-"))
-            .collect();
-        assert!(held.is_empty(), "{held:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_handed_over_before_a_crash_is_uploaded_with_the_attached_files_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox_dir = crash_after_two_hand_overs(dir.path()).await;
+        let shared = Shared::new(Outbox::open(OutboxConfig::new(&outbox_dir)).unwrap(), false);
+        upload_held(&Sender::new(shared.clone()), &shared).await;
+        assert_uploaded_once(&shared, &outbox_dir);
     }
 
     fn entry(path: &str, kind: FileKind, version: &str) -> FileEntry {

@@ -256,7 +256,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             files::AttachedFiles::attach(&cfg, queries.clone(), sender.clone(), shared.clone())
                 .await,
         ),
-        _ => None,
+        _ => {
+            let (sender, shared) = (sender.clone(), shared.clone());
+            tokio::spawn(async move { files::upload_held(&sender, &shared).await });
+            None
+        }
     };
     let (kernel_stop, kernel_stop_rx) = runtime::StopHandle::new();
     let mut runtime = if args.runs_kernel() {
