@@ -70,7 +70,8 @@ pub struct FilesConfig {
     pub uid: u32,
     /// Group the files appear with.
     pub gid: u32,
-    /// How long one listing or read may wait for the server.
+    /// How long one listing or read may wait for the server, and one change for room
+    /// in a full outbox.
     pub timeout: Duration,
     /// Largest file size accepted from the server ([`DEFAULT_MAX_FILE_SIZE`]).
     pub max_file_size: u64,
@@ -136,7 +137,8 @@ pub const DEFAULT_MAX_FILE_SIZE: u64 = 1 << 40;
 /// How far [`serve`] trusts and waits for the server.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeLimits {
-    /// How long one listing or read may wait for the server.
+    /// How long one listing or read may wait for the server, and one change for room
+    /// in a full outbox (then it is refused, and the kernel's call fails).
     pub timeout: Duration,
     /// Largest file size accepted in a listing.
     pub max_file_size: u64,
@@ -333,7 +335,9 @@ async fn upload_held_with(sender: &Sender, shared: &Shared, served: &Served) {
             }
         };
         let (root, path) = (note.root, note.path.clone());
-        match upload_handed(sender, served, Handed { note, file }).await {
+        // Nobody waits for these: room in the outbox is waited for as long as it takes
+        // (the staging copies went with the old agent).
+        match upload_handed(sender, served, Handed { note, file }, None).await {
             Ok(version) => {
                 info!(?root, %path, %version, "file closed before the agent restarted queued for upload")
             }
@@ -406,7 +410,7 @@ async fn answer(
         BackingRequest::Upload { ticket, reply } => {
             let handed = lock(&served.handed).remove(&ticket);
             let r = match handed {
-                Some(h) => upload_handed(sender, served, h).await,
+                Some(h) => upload_handed(sender, served, h, Some(limits.timeout)).await,
                 None => Err(BackingError::Remote {
                     op: "upload",
                     reason: format!("no file handed over with ticket {ticket}"),
@@ -423,7 +427,8 @@ async fn answer(
                 version: String::new(),
             });
             let msg = Message::FileMkdir { root, path };
-            reply.send(queue_change(sender, pending, "mkdir", root, msg, change).await);
+            let r = queue_change(sender, pending, "mkdir", root, msg, change, limits.timeout);
+            reply.send(r.await);
         }
         BackingRequest::Remove {
             root,
@@ -439,7 +444,8 @@ async fn answer(
                 base_version,
             };
             let change = Change::Remove(path);
-            reply.send(queue_change(sender, pending, "remove", root, msg, change).await);
+            let r = queue_change(sender, pending, "remove", root, msg, change, limits.timeout);
+            reply.send(r.await);
         }
         BackingRequest::Rename {
             root,
@@ -459,7 +465,8 @@ async fn answer(
                 replaced_version,
             };
             let change = Change::Rename { from, to };
-            reply.send(queue_change(sender, pending, "rename", root, msg, change).await);
+            let r = queue_change(sender, pending, "rename", root, msg, change, limits.timeout);
+            reply.send(r.await);
         }
         other => {
             warn!(request = ?other, "backing request not supported; dropped");
@@ -476,20 +483,36 @@ async fn queue_change(
     root: FileRoot,
     msg: Message,
     change: Change,
+    wait: Duration,
 ) -> Result<(), BackingError> {
     if root == FileRoot::Workspace {
         return Err(BackingError::ReadOnly);
     }
-    let seq = sender
-        .send(&msg, &Bytes::new())
-        .await
-        .map_err(|e| BackingError::Remote {
-            op,
-            reason: format!("outbox refused the change: {e}"),
-        })?;
+    let seq = queued(op, Some(wait), sender.send(&msg, &Bytes::new())).await?;
     info!(?root, change = ?change, seq, "file change queued");
     lock(pending).record(seq, root, change);
     Ok(())
+}
+
+/// Waits for `append` (a [`Sender`] append, which waits while the outbox is full) for at
+/// most `wait`: an append is all or nothing, so a change given up here is never queued
+/// later.
+async fn queued(
+    op: &'static str,
+    wait: Option<Duration>,
+    append: impl std::future::Future<Output = Result<u64, crate::sender::SendError>>,
+) -> Result<u64, BackingError> {
+    let refused = |reason: String| BackingError::Remote { op, reason };
+    let appended = match wait {
+        Some(wait) => tokio::time::timeout(wait, append).await.map_err(|_| {
+            warn!(op, ?wait, "outbox still full; the change is refused");
+            refused(format!(
+                "the outbox stayed full for {wait:?} (the server has not acknowledged for a while)"
+            ))
+        })?,
+        None => append.await,
+    };
+    appended.map_err(|e| refused(format!("outbox refused the change: {e}")))
 }
 
 /// Refuses a listing with a file bigger than `max` (a size the core would otherwise
@@ -655,6 +678,7 @@ async fn upload_handed(
     sender: &Sender,
     served: &Served,
     handed: Handed,
+    wait: Option<Duration>,
 ) -> Result<String, BackingError> {
     let Handed { note, mut file } = handed;
     let io = |source| BackingError::Io {
@@ -687,14 +711,11 @@ async fn upload_handed(
             (msg, offset, len)
         })
         .collect();
-    let seq = match sender.send_attached(&mut file, &parts).await {
+    let seq = match queued("upload", wait, sender.send_attached(&mut file, &parts)).await {
         Ok(seq) => seq,
         Err(e) => {
             file.release();
-            return Err(BackingError::Remote {
-                op: "upload",
-                reason: format!("outbox refused the file: {e}"),
-            });
+            return Err(e);
         }
     };
     info!(?root, %path, %version, size, seq, "file queued for upload");
@@ -1135,8 +1156,9 @@ mod tests {
     }
 
     /// The `file_chunk` messages in the outbox: (path, base version, version, payload).
-    fn queued_chunks(shared: &Shared) -> Vec<(String, String, String, Bytes)> {
-        let frames = shared.outbox().frames_after(0, usize::MAX).unwrap();
+    /// The messages queued in the outbox after `after`, with their payloads.
+    fn queued_after(shared: &Shared, after: u64) -> Vec<(Message, Bytes)> {
+        let frames = shared.outbox().frames_after(after, usize::MAX).unwrap();
         frames
             .iter()
             .map(|(_, frame)| {
@@ -1147,15 +1169,22 @@ mod tests {
                     .unwrap()
                     .parse()
                     .unwrap();
-                match f.envelope.msg {
-                    Message::FileChunk {
-                        path,
-                        base_version,
-                        version,
-                        ..
-                    } => (path, base_version, version, f.payload),
-                    other => panic!("unexpected {other:?}"),
-                }
+                (f.envelope.msg, f.payload)
+            })
+            .collect()
+    }
+
+    fn queued_chunks(shared: &Shared) -> Vec<(String, String, String, Bytes)> {
+        queued_after(shared, 0)
+            .into_iter()
+            .map(|(msg, payload)| match msg {
+                Message::FileChunk {
+                    path,
+                    base_version,
+                    version,
+                    ..
+                } => (path, base_version, version, payload),
+                other => panic!("unexpected {other:?}"),
             })
             .collect()
     }
@@ -1241,6 +1270,57 @@ mod tests {
                 .iter()
                 .any(|e| e.path == "d/out.txt" && e.version == version),
             "{listed:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_refused_for_a_full_outbox_is_never_queued_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = OutboxConfig::new(dir.path().join("outbox"));
+        config.max_bytes = 4_000;
+        let shared = Shared::new(Outbox::open(config).unwrap(), false);
+        // Something the server has not acknowledged fills the outbox.
+        let filler = Message::FileMkdir {
+            root: FileRoot::Notebook,
+            path: "filler".into(),
+        };
+        let seq = shared.outbox().append(&filler, &[0u8; 3_900]).unwrap();
+        let (backing, _serving) = served(&shared, vec![]);
+        let staged = dir.path().join("staged");
+        std::fs::write(&staged, b"new bytes").unwrap();
+        let b = backing.clone();
+        let (mkdir, upload) = tokio::task::spawn_blocking(move || {
+            let ticket = b
+                .hand_over(FileRoot::Notebook, "f.txt", "v0", &staged)
+                .unwrap();
+            (b.mkdir(FileRoot::Notebook, "d"), b.upload(ticket))
+        })
+        .await
+        .unwrap();
+        // Refused after the serving side's wait, not the caller's timeout.
+        for (what, refused) in [("mkdir", mkdir.err()), ("upload", upload.err())] {
+            assert!(
+                matches!(&refused, Some(BackingError::Remote { reason, .. }) if reason.contains("outbox stayed full")),
+                "{what}: {refused:?}"
+            );
+        }
+        // Room again: what was refused does not come after all; a new change goes in.
+        shared.ack(seq).unwrap();
+        let b = backing.clone();
+        tokio::task::spawn_blocking(move || b.mkdir(FileRoot::Notebook, "e"))
+            .await
+            .unwrap()
+            .unwrap();
+        let queued: Vec<Message> = queued_after(&shared, seq)
+            .into_iter()
+            .map(|(msg, _)| msg)
+            .collect();
+        assert_eq!(
+            queued,
+            [Message::FileMkdir {
+                root: FileRoot::Notebook,
+                path: "e".into()
+            }]
         );
     }
 

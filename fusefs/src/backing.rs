@@ -5,9 +5,14 @@
 //!
 //! - [`LocalDir`]: trees that are plain local directories (development and tests).
 //! - [`ChannelBacking`]: each call becomes a [`BackingRequest`] on a bounded tokio channel
-//!   whose receiver an async task owns (the agent's session with the server); the calling
-//!   thread waits for the answer for at most a timeout, after which the call fails with
-//!   [`BackingError::Timeout`] (EIO to the kernel) and the reason is logged.
+//!   whose receiver an async task owns (the agent's session with the server). For a
+//!   listing or a read, which need the server, the calling thread waits for the answer
+//!   for at most a timeout, after which the call fails with [`BackingError::Timeout`]
+//!   (EIO to the kernel) and the reason is logged. A change (hand-over, upload, mkdir,
+//!   remove, rename) is local: its answer comes once the agent's outbox has it or has
+//!   refused it (the answering task bounds its own wait for room in the outbox; an
+//!   upload's hashing takes as long as the file needs), and the caller waits for that
+//!   answer, so a change never lands after its caller was told it failed.
 //!
 //! Whatever the implementation, listings are checked by [`validate_listing`] before the
 //! core believes them.
@@ -672,7 +677,9 @@ pub struct ChannelBacking {
 }
 
 impl ChannelBacking {
-    /// A backing with a queue of `capacity` requests; each call waits at most `timeout`.
+    /// A backing with a queue of `capacity` requests; a listing or a read waits at most
+    /// `timeout` for its answer, a change until it is answered (see the module
+    /// documentation).
     pub fn new(
         capacity: usize,
         timeout: Duration,
@@ -681,9 +688,11 @@ impl ChannelBacking {
         (ChannelBacking { tx, timeout }, rx)
     }
 
+    /// Sends a request and waits for its answer: at most the timeout if `bounded`.
     fn call<T>(
         &self,
         op: &'static str,
+        bounded: bool,
         make: impl FnOnce(Reply<T>) -> BackingRequest,
     ) -> Result<T, BackingError> {
         use tokio::sync::mpsc::error::TrySendError;
@@ -695,6 +704,12 @@ impl ChannelBacking {
                 return Err(BackingError::QueueFull);
             }
             Err(TrySendError::Closed(_)) => return Err(BackingError::Disconnected { op }),
+        }
+        if !bounded {
+            return rrx.recv().unwrap_or_else(|_| {
+                tracing::warn!(op, "backing dropped the request unanswered");
+                Err(BackingError::Disconnected { op })
+            });
         }
         match rrx.recv_timeout(self.timeout) {
             Ok(result) => result,
@@ -715,7 +730,7 @@ impl ChannelBacking {
 
 impl Backing for ChannelBacking {
     fn list(&self, root: FileRoot) -> Result<Listing, BackingError> {
-        self.call("list", |reply| BackingRequest::List { root, reply })
+        self.call("list", true, |reply| BackingRequest::List { root, reply })
     }
 
     fn read(
@@ -726,7 +741,7 @@ impl Backing for ChannelBacking {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, BackingError> {
-        self.call("read", |reply| BackingRequest::Read {
+        self.call("read", true, |reply| BackingRequest::Read {
             root,
             path: path.to_owned(),
             version: version.to_owned(),
@@ -743,7 +758,7 @@ impl Backing for ChannelBacking {
         base_version: &str,
         staged: &Path,
     ) -> Result<Ticket, BackingError> {
-        self.call("hand over", |reply| BackingRequest::HandOver {
+        self.call("hand over", false, |reply| BackingRequest::HandOver {
             root,
             path: path.to_owned(),
             base_version: base_version.to_owned(),
@@ -753,11 +768,14 @@ impl Backing for ChannelBacking {
     }
 
     fn upload(&self, ticket: Ticket) -> Result<String, BackingError> {
-        self.call("upload", |reply| BackingRequest::Upload { ticket, reply })
+        self.call("upload", false, |reply| BackingRequest::Upload {
+            ticket,
+            reply,
+        })
     }
 
     fn mkdir(&self, root: FileRoot, path: &str) -> Result<(), BackingError> {
-        self.call("mkdir", |reply| BackingRequest::Mkdir {
+        self.call("mkdir", false, |reply| BackingRequest::Mkdir {
             root,
             path: path.to_owned(),
             reply,
@@ -765,7 +783,7 @@ impl Backing for ChannelBacking {
     }
 
     fn remove(&self, root: FileRoot, path: &str, kind: FileKind) -> Result<(), BackingError> {
-        self.call("remove", |reply| BackingRequest::Remove {
+        self.call("remove", false, |reply| BackingRequest::Remove {
             root,
             path: path.to_owned(),
             kind,
@@ -774,7 +792,7 @@ impl Backing for ChannelBacking {
     }
 
     fn rename(&self, root: FileRoot, from: &str, to: &str) -> Result<(), BackingError> {
-        self.call("rename", |reply| BackingRequest::Rename {
+        self.call("rename", false, |reply| BackingRequest::Rename {
             root,
             from: from.to_owned(),
             to: to.to_owned(),
