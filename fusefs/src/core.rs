@@ -1328,8 +1328,9 @@ impl Fs {
     /// uploaded (hashed and queued) at this handle's `RELEASE`, which the kernel sends
     /// right after the close without making the closing process wait for it, or by
     /// the next operation that must come after it (a rename, a removal, a new
-    /// directory, another upload), without the core lock held while it hashes. A writer that opens the file later waits for that
-    /// `RELEASE` and gets a copy, and a write through the daemon copies first.
+    /// directory, another upload), without the core lock held while it hashes. A
+    /// writer that opens the file later waits for that `RELEASE` and gets a copy, and
+    /// a write through the daemon copies first.
     /// Otherwise the file is snapshotted and uploaded at once, because another writer
     /// may change it through passthrough without the daemon seeing it. Only a
     /// descriptor duplicated before the close (kept open past the wait) can still

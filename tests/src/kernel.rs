@@ -579,12 +579,6 @@ pub fn unix_ms() -> i64 {
         .unwrap_or_default()
 }
 
-/// `outputs` with consecutive stream texts of one stream joined: the kernel flushes
-/// stdout when it likes, so one `print` may arrive in one message or in two.
-pub fn joined_streams(outputs: &[OutputContent]) -> Vec<OutputContent> {
-    OutputContent::coalesce_streams(outputs)
-}
-
 /// The stdout text of a cell, concatenated.
 pub fn stdout_of(r: &CellResult) -> String {
     stream_of(r, "stdout")

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use nbagent_protocol::{CellStatus, KernelState, Message, OutputContent};
 use nbagent_tests::kernel::{
-    self, Notebook, Setup, Stored, children, exists, joined_streams, missing_prerequisite,
-    stdout_of, tree,
+    self, Notebook, Setup, Stored, children, exists, missing_prerequisite, stdout_of, tree,
 };
 use nbagent_tests::wait_until;
 use serde_json::{Value, json};
@@ -110,7 +109,7 @@ async fn outputs_of_every_kind_arrive_in_order() {
         nb.log_tail()
     );
     // One print may arrive as two stream messages: consecutive ones are joined.
-    let outputs = joined_streams(&r.outputs);
+    let outputs = OutputContent::coalesce_streams(&r.outputs);
     let tags: Vec<String> = outputs.iter().map(tag).collect();
     assert_eq!(
         tags,
@@ -631,7 +630,7 @@ async fn agent_crash_keeps_the_kernel() {
     // after the adoption ('done'). The command was not delivered again: 'started' once.
     assert_eq!(r.status, CellStatus::Ok, "{:?}", r.outputs);
     assert_eq!(
-        joined_streams(&r.outputs),
+        OutputContent::coalesce_streams(&r.outputs),
         [OutputContent::Stream {
             name: "stdout".into(),
             text: "started\ndone\n".into()
@@ -912,7 +911,10 @@ async fn sigterm_stops_the_kernel_in_order() {
                 _ => None,
             })
             .collect();
-        joined_streams(&of_cell).iter().map(tag).collect()
+        OutputContent::coalesce_streams(&of_cell)
+            .iter()
+            .map(tag)
+            .collect()
     };
     assert_eq!(
         cell_outputs(&done.request),

@@ -14,10 +14,10 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use nbagent_protocol::{CellSource, CellStatus, CheckpointEvent};
+use nbagent_protocol::{CellSource, CellStatus, CheckpointEvent, OutputContent};
 use nbagent_tests::kernel::{
-    CheckpointReport, KERNEL_USER, Notebook, Setup, joined_streams,
-    missing_checkpoint_prerequisite, missing_prerequisite, stdout_of,
+    CheckpointReport, KERNEL_USER, Notebook, Setup, missing_checkpoint_prerequisite,
+    missing_prerequisite, stdout_of,
 };
 use nbserver::run::CellResult;
 use sha2::Digest;
@@ -88,8 +88,8 @@ fn same_as_top(rerun: &[CellResult], top: &[CellResult]) {
         assert_eq!(r.cell, t.cell);
         assert_eq!(r.status, t.status, "cell {}", r.cell);
         assert_eq!(
-            joined_streams(&r.outputs),
-            joined_streams(&t.outputs),
+            OutputContent::coalesce_streams(&r.outputs),
+            OutputContent::coalesce_streams(&t.outputs),
             "cell {} differs between the re-run and the run from the top",
             r.cell
         );
