@@ -77,6 +77,9 @@ pub struct FilesConfig {
     pub max_file_size: u64,
     /// How long a mount believes a listing (and a negative lookup).
     pub ttl: Duration,
+    /// How long a FUSE worker polls for the next request after a metadata request
+    /// (zero: never).
+    pub busy_poll: Duration,
     /// Why FUSE cannot be used here, if it cannot (from the capability probe).
     pub fuse_unavailable: Option<String>,
 }
@@ -907,6 +910,7 @@ impl AttachedFiles {
         fs_config.attr_ttl = config.ttl;
         fs_config.negative_ttl = config.ttl;
         let backing: Arc<dyn Backing> = self.backing.clone();
+        let busy_poll = config.busy_poll;
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(dir_err(&dir))?;
             detach_stale(&dir).map_err(|source| FilesError::Mount {
@@ -918,6 +922,7 @@ impl AttachedFiles {
                 .map_err(|source| FilesError::Core { root, source })?;
             let mut options = MountOptions::default();
             options.fsname = format!("nbagent-{}", root_dir_name(root));
+            options.busy_poll = busy_poll;
             mount(Arc::new(fs), &dir, &options).map_err(|source| FilesError::Mount {
                 root,
                 path: dir.clone(),

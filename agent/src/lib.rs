@@ -192,6 +192,7 @@ pub fn files_config(args: &AgentArgs) -> Option<files::FilesConfig> {
         timeout: Duration::from_secs(args.files_timeout_secs.max(1)),
         max_file_size: args.files_max_size,
         ttl: Duration::from_secs(args.files_ttl_secs.max(1)),
+        busy_poll: Duration::from_micros(args.files_busy_poll_us),
         fuse_unavailable,
     })
 }

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +35,7 @@ use nix::mount::MntFlags;
 
 use crate::core::{Attr, DEFAULT_TTL, Fs, OpenMode, Opened};
 use crate::error::FsError;
+use crate::poll::{self, Governor, Poll};
 
 /// How to mount.
 #[derive(Debug, Clone)]
@@ -57,6 +59,11 @@ pub struct MountOptions {
     pub kernel_readahead: u64,
     /// Where the kernel lists its backing devices (default `/sys/class/bdi`).
     pub bdi_dir: PathBuf,
+    /// How long one worker keeps polling `/dev/fuse` after a metadata request instead
+    /// of sleeping in `read` (default 200 us; zero: never). Polling saves the wakeup of
+    /// an idle CPU on every round trip of a burst of lookups, getattrs and opens; see
+    /// the `poll` module.
+    pub busy_poll: Duration,
 }
 
 impl Default for MountOptions {
@@ -69,6 +76,7 @@ impl Default for MountOptions {
             fsname: "nbagent".to_owned(),
             kernel_readahead: 8 << 20,
             bdi_dir: PathBuf::from("/sys/class/bdi"),
+            busy_poll: poll::DEFAULT_WINDOW,
         }
     }
 }
@@ -91,6 +99,8 @@ pub struct FuseFs {
     want_passthrough: bool,
     passthrough: Arc<AtomicBool>,
     ids: Mutex<BackingIds>,
+    /// Busy polling of `/dev/fuse` during metadata bursts (off until mounted).
+    poll: Poll,
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -133,6 +143,7 @@ impl FuseFs {
             want_passthrough: options.passthrough,
             passthrough: Arc::new(AtomicBool::new(false)),
             ids: Mutex::new(BackingIds::default()),
+            poll: Poll::off(),
         }
     }
 
@@ -261,6 +272,7 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.poll.request();
         self.entry(self.fs.lookup(parent.0, name), reply);
     }
 
@@ -269,6 +281,7 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.poll.request();
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.ttl, &to_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -293,6 +306,7 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.poll.request();
         // Modes, owners and times are not stored by the backing: accepted and ignored.
         let result = match size {
             Some(size) => self.fs.set_size(ino.0, size),
@@ -314,6 +328,7 @@ impl Filesystem for FuseFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.poll.request();
         if mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
             reply.error(Errno::EPERM);
             return;
@@ -334,10 +349,12 @@ impl Filesystem for FuseFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        self.poll.request();
         self.entry(self.fs.mkdir(parent.0, name), reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.poll.request();
         match self.fs.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -345,6 +362,7 @@ impl Filesystem for FuseFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.poll.request();
         match self.fs.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -359,6 +377,7 @@ impl Filesystem for FuseFs {
         _target: &Path,
         reply: ReplyEntry,
     ) {
+        self.poll.request();
         self.entry(self.fs.symlink(), reply);
     }
 
@@ -372,6 +391,7 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.poll.request();
         if !(flags - RenameFlags::RENAME_NOREPLACE).is_empty() {
             reply.error(Errno::EINVAL);
             return;
@@ -394,10 +414,12 @@ impl Filesystem for FuseFs {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.poll.request();
         self.entry(self.fs.link(), reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.poll.request();
         let mode = OpenMode::from_flags(flags.0);
         match self.fs.open(ino.0, mode) {
             Ok(opened) => self.reply_open(ino.0, mode.write, opened, reply),
@@ -448,6 +470,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.poll.request();
         if !self.fs.writable() {
             // Nothing is ever dirty: ENOSYS makes the kernel stop sending flushes.
             reply.error(Errno::ENOSYS);
@@ -483,6 +506,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.poll.request();
         // The passthrough id goes first: an open waiting in the core for this release
         // must not find it still alive and reuse it for a new staging copy.
         self.forget_handle(fh.0);
@@ -500,12 +524,14 @@ impl Filesystem for FuseFs {
         _size: u32,
         reply: fuser::ReplyXattr,
     ) {
+        self.poll.request();
         // No extended attributes: ENOSYS makes the kernel stop asking (the kernel asks
         // for security.capability before the first write).
         reply.error(Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        self.poll.request();
         reply.error(Errno::ENOSYS);
     }
 
@@ -525,6 +551,7 @@ impl Filesystem for FuseFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.poll.request();
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
@@ -539,6 +566,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.poll.request();
         let mut at = offset;
         if at == 0 {
             if reply.add(ino, 1, FileType::Directory, ".") {
@@ -576,6 +604,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.poll.request();
         let mut at = offset;
         let dot = |i: u64| match self.fs.getattr(i) {
             Ok(a) => Some(to_attr(&a)),
@@ -624,6 +653,7 @@ impl Filesystem for FuseFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.poll.request();
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -638,6 +668,7 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.poll.request();
         let mode = OpenMode::from_flags(flags);
         match self.fs.create(parent.0, name, mode) {
             Ok((attr, opened)) => {
@@ -680,6 +711,8 @@ impl Filesystem for FuseFs {
 #[derive(Debug)]
 pub struct Mounted {
     session: Option<BackgroundSession>,
+    /// Stopped after the session (field order).
+    governor: Option<Governor>,
     mountpoint: PathBuf,
     fs: Arc<Fs>,
     passthrough: Arc<AtomicBool>,
@@ -694,6 +727,12 @@ impl Mounted {
     /// Whether the kernel accepted FUSE passthrough for this mount.
     pub fn passthrough(&self) -> bool {
         self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Whether a worker is polling `/dev/fuse` for requests now (see
+    /// [`MountOptions::busy_poll`]).
+    pub fn polling(&self) -> bool {
+        self.governor.as_ref().is_some_and(Governor::polling)
     }
 
     /// Where it is mounted.
@@ -808,11 +847,21 @@ pub fn mount(fs: Arc<Fs>, mountpoint: &Path, options: &MountOptions) -> io::Resu
         SessionACL::Owner
     };
     config.n_threads = Some(options.threads.max(1));
-    let adapter = FuseFs::new(fs.clone(), options);
+    // Each worker reads its own clone of the device, so that one of them alone can poll.
+    config.clone_fd = !options.busy_poll.is_zero();
+    let mut adapter = FuseFs::new(fs.clone(), options);
+    let (poll, governor) = Poll::new(options.busy_poll)?;
+    adapter.poll = poll;
     let passthrough = adapter.passthrough.clone();
-    let session = fuser::spawn_mount(adapter, mountpoint, &config)?;
+    let session = fuser::Session::new(adapter, mountpoint, &config)?;
+    if let Some(governor) = &governor {
+        // The session's own descriptor is read by its last worker; the others get clones.
+        governor.attach(session.as_fd().try_clone_to_owned()?);
+    }
+    let session = session.spawn()?;
     let mounted = Mounted {
         session: Some(session),
+        governor: governor,
         mountpoint: absolute_mountpoint(mountpoint)?,
         fs,
         passthrough,

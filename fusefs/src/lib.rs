@@ -16,6 +16,7 @@ pub mod core;
 pub mod error;
 pub mod fuse;
 pub mod path;
+mod poll;
 
 pub use backing::{
     Backing, BackingRequest, ChannelBacking, Listing, LocalDir, Ticket, upload_now,

@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use nbagent_fusefs::fuse::is_mounted;
 use nbagent_fusefs::{Fs, FsConfig, LocalDir, MountOptions, Mounted, SystemClock, mount};
@@ -202,4 +203,52 @@ fn stale_mount_is_detached_and_remounted() {
     assert_eq!(fs::read_to_string(mnt.join("f.txt")).unwrap(), "still here");
     drop(m);
     assert!(!is_mounted(&mnt).unwrap());
+}
+
+#[test]
+fn metadata_requests_make_a_worker_poll_and_the_mount_still_serves_and_unmounts() {
+    require_fuse!();
+    let t = tempfile::tempdir().unwrap();
+    let (b, w) = (t.path().join("b"), t.path().join("w"));
+    fs::create_dir_all(&b).unwrap();
+    fs::write(b.join("a.txt"), "alpha").unwrap();
+    let root = FileRoot::Notebook;
+    let mut mounts = Vec::new();
+    for (name, window) in [
+        ("polled", Duration::from_secs(3600)),
+        ("never", Duration::ZERO),
+    ] {
+        let fs = Fs::new(
+            FsConfig::new(root, w.join(name)),
+            Arc::new(LocalDir::new().with_tree(root, &b, true)),
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let mnt = t.path().join(name);
+        fs::create_dir_all(&mnt).unwrap();
+        let mut options = MountOptions::default();
+        options.busy_poll = window;
+        let m = mount(Arc::new(fs), &mnt, &options).unwrap();
+        // A lookup and a getattr (metadata), then a read, a write and a listing: served
+        // whether or not a worker polls.
+        assert_eq!(fs::metadata(mnt.join("a.txt")).unwrap().len(), 5);
+        assert_eq!(fs::read_to_string(mnt.join("a.txt")).unwrap(), "alpha");
+        let mut f = fs::File::create(mnt.join(format!("{name}.txt"))).unwrap();
+        f.write_all(name.as_bytes()).unwrap();
+        f.sync_all().unwrap(); // uploads to the backing
+        drop(f);
+        let listed = fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name());
+        assert!(listed.into_iter().any(|n| n == *format!("{name}.txt")));
+        mounts.push((name, m, mnt));
+    }
+    for (name, m, mnt) in mounts {
+        // The hour-long window cannot have passed: the polled mount is still polling.
+        assert_eq!(m.polling(), name == "polled", "{name}");
+        m.unmount().unwrap();
+        assert!(!is_mounted(&mnt).unwrap(), "{name} unmounted");
+        assert_eq!(
+            fs::read_to_string(b.join(format!("{name}.txt"))).unwrap(),
+            name
+        );
+    }
 }
