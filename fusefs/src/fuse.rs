@@ -861,7 +861,7 @@ pub fn mount(fs: Arc<Fs>, mountpoint: &Path, options: &MountOptions) -> io::Resu
     let session = session.spawn()?;
     let mounted = Mounted {
         session: Some(session),
-        governor: governor,
+        governor,
         mountpoint: absolute_mountpoint(mountpoint)?,
         fs,
         passthrough,
