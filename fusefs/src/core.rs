@@ -269,6 +269,16 @@ struct State {
     uploading: BTreeSet<u64>,
 }
 
+/// A re-listing's tree while it is built ([`Fs::relist`]).
+struct NewTree {
+    /// Names and inodes of every directory's entries, by directory inode.
+    children: HashMap<u64, Vec<(String, u64)>>,
+    /// Directories by path (`""`: the root).
+    dirs: HashMap<String, u64>,
+    /// Inodes in the new tree.
+    live: std::collections::HashSet<u64>,
+}
+
 /// The filesystem core over one tree of a [`Backing`]. All methods take `&self` and are
 /// safe to call from several FUSE worker threads.
 #[derive(Debug)]
@@ -423,135 +433,167 @@ impl Fs {
         st.listed_at = self.clock.now();
         st.negative.clear();
 
-        let mut old_by_path: HashMap<String, u64> = HashMap::new();
-        let mut stack = vec![(ROOT_INO, String::new())];
-        while let Some((dir, path)) = stack.pop() {
+        // Every inode of the old tree, found through the children maps, which stay as
+        // they were until the end.
+        let mut old = Vec::new();
+        let mut stack = vec![ROOT_INO];
+        while let Some(dir) = stack.pop() {
             if let Some(d) = st.inodes.get(&dir) {
-                for (name, &child) in &d.children {
-                    let p = if path.is_empty() {
-                        name.clone()
-                    } else {
-                        format!("{path}/{name}")
-                    };
+                for &child in d.children.values() {
+                    old.push(child);
                     if st
                         .inodes
                         .get(&child)
                         .is_some_and(|c| c.kind == FileKind::Dir)
                     {
-                        stack.push((child, p.clone()));
+                        stack.push(child);
                     }
-                    old_by_path.insert(p, child);
                 }
             }
         }
 
-        // New children of every directory, by inode.
-        let mut new_children: HashMap<u64, BTreeMap<String, u64>> = HashMap::new();
-        new_children.insert(ROOT_INO, BTreeMap::new());
-        let mut new_by_path: HashMap<String, u64> = HashMap::new();
+        // The new tree. Sorted, a directory comes before everything under it, and the
+        // names of one directory come in order. An entry keeps the inode of the old
+        // entry of the same name and kind in the same (kept) directory.
         let mut entries = listing.entries;
-        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        let mut tree = NewTree {
+            children: HashMap::from([(ROOT_INO, Vec::new())]),
+            dirs: HashMap::from([(String::new(), ROOT_INO)]),
+            live: std::collections::HashSet::with_capacity(entries.len() + 1),
+        };
+        tree.live.insert(ROOT_INO);
         for entry in entries {
-            // Parents first (implicit directories are created).
-            let mut parent = ROOT_INO;
-            let parts: Vec<&str> = entry.path.split('/').collect();
-            let mut prefix = String::new();
-            for (i, part) in parts.iter().enumerate() {
-                if !prefix.is_empty() {
-                    prefix.push('/');
+            let (dir, name) = entry.path.rsplit_once('/').unwrap_or(("", &entry.path));
+            let parent = self.implicit_dirs(st, &mut tree, dir);
+            let ino = Self::place(st, &mut tree, parent, name, entry.kind);
+            if let Some(node) = st.inodes.get_mut(&ino) {
+                node.mtime = mtime_of(entry.mtime_ms);
+                if let Content::Remote { version, size } = &mut node.content {
+                    *version = entry.version;
+                    *size = entry.size;
                 }
-                prefix.push_str(part);
-                let last = i + 1 == parts.len();
-                let kind = if last { entry.kind } else { FileKind::Dir };
-                if let Some(&ino) = new_by_path.get(&prefix) {
-                    parent = ino;
-                    continue;
-                }
-                let reuse = old_by_path
-                    .get(&prefix)
-                    .copied()
-                    .filter(|ino| st.inodes.get(ino).is_some_and(|n| n.kind == kind));
-                let ino = match reuse {
-                    Some(ino) => ino,
-                    None => {
-                        let ino = st.next_ino;
-                        st.next_ino += 1;
-                        st.inodes.insert(
-                            ino,
-                            Inode {
-                                parent,
-                                name: (*part).to_owned(),
-                                kind,
-                                lookups: 0,
-                                open: 0,
-                                linked: true,
-                                in_backing: true,
-                                mtime: SystemTime::now(),
-                                content: Content::Remote {
-                                    version: String::new(),
-                                    size: 0,
-                                },
-                                children: BTreeMap::new(),
-                            },
-                        );
-                        ino
-                    }
-                };
-                if let Some(node) = st.inodes.get_mut(&ino) {
-                    node.parent = parent;
-                    node.name = (*part).to_owned();
-                    node.linked = true;
-                    node.in_backing = true;
-                    if last {
-                        node.mtime = mtime_of(entry.mtime_ms);
-                        if let Content::Remote { version, size } = &mut node.content {
-                            *version = entry.version.clone();
-                            *size = entry.size;
-                        }
-                    }
-                }
-                new_children
-                    .entry(parent)
-                    .or_default()
-                    .insert((*part).to_owned(), ino);
-                if kind == FileKind::Dir {
-                    new_children.entry(ino).or_default();
-                }
-                new_by_path.insert(prefix.clone(), ino);
-                parent = ino;
+            }
+            if entry.kind == FileKind::Dir {
+                tree.dirs.insert(entry.path, ino);
             }
         }
         // Local files not uploaded yet stay where they are if their directory does.
-        for (path, ino) in &old_by_path {
-            if new_by_path.contains_key(path) {
+        let mut gone = Vec::new();
+        for ino in old {
+            if tree.live.contains(&ino) {
                 continue;
             }
-            let Some(node) = st.inodes.get(ino) else {
+            let Some(node) = st.inodes.get(&ino) else {
                 continue;
             };
             if matches!(node.content, Content::Staged(_))
                 && !node.in_backing
-                && new_children.contains_key(&node.parent)
+                && let Some(siblings) = tree.children.get_mut(&node.parent)
             {
-                let (parent, name) = (node.parent, node.name.clone());
-                new_children.entry(parent).or_default().insert(name, *ino);
-                new_by_path.insert(path.clone(), *ino);
+                siblings.push((node.name.clone(), ino));
+                tree.live.insert(ino);
+            } else {
+                gone.push(ino);
             }
         }
-        let live: std::collections::HashSet<u64> = new_by_path.values().copied().collect();
-        for (path, ino) in old_by_path {
-            if !live.contains(&ino) {
-                tracing::debug!(ino, path = %path, "entry vanished from the listing");
-                st.vanished.insert(ino, path);
-                self.unlink_inode(st, ino);
-            }
+        // Paths while the old tree still stands, then unlinked.
+        let gone: Vec<(u64, String)> = gone
+            .into_iter()
+            .map(|ino| (ino, Self::path_of(st, ino).unwrap_or_default()))
+            .collect();
+        for (ino, path) in gone {
+            tracing::debug!(ino, path = %path, "entry vanished from the listing");
+            st.vanished.insert(ino, path);
+            self.unlink_inode(st, ino);
         }
         for (ino, node) in st.inodes.iter_mut() {
             if node.kind == FileKind::Dir && node.linked {
-                node.children = new_children.remove(ino).unwrap_or_default();
+                node.children = tree
+                    .children
+                    .remove(ino)
+                    .map(|names| names.into_iter().collect())
+                    .unwrap_or_default();
             }
         }
         Ok(())
+    }
+
+    /// The inode of directory `dir` of the new tree, creating the directories of its
+    /// path that the listing left implicit.
+    fn implicit_dirs(&self, st: &mut State, tree: &mut NewTree, dir: &str) -> u64 {
+        if let Some(&ino) = tree.dirs.get(dir) {
+            return ino;
+        }
+        let mut parent = ROOT_INO;
+        let mut end = 0;
+        for part in dir.split('/') {
+            end += part.len();
+            parent = match tree.dirs.get(&dir[..end]) {
+                Some(&ino) => ino,
+                None => {
+                    let ino = Self::place(st, tree, parent, part, FileKind::Dir);
+                    tree.dirs.insert(dir[..end].to_owned(), ino);
+                    ino
+                }
+            };
+            end += 1;
+        }
+        parent
+    }
+
+    /// Puts `name` (of `kind`) into directory `parent` of the new tree: the old inode
+    /// of that name and kind there, else a new one.
+    fn place(st: &mut State, tree: &mut NewTree, parent: u64, name: &str, kind: FileKind) -> u64 {
+        let reuse = st
+            .inodes
+            .get(&parent)
+            .and_then(|p| p.children.get(name))
+            .copied()
+            .filter(|ino| {
+                !tree.live.contains(ino) && st.inodes.get(ino).is_some_and(|n| n.kind == kind)
+            });
+        let ino = match reuse {
+            Some(ino) => {
+                if let Some(node) = st.inodes.get_mut(&ino) {
+                    node.linked = true;
+                    node.in_backing = true;
+                }
+                ino
+            }
+            None => {
+                let ino = st.next_ino;
+                st.next_ino += 1;
+                st.inodes.insert(
+                    ino,
+                    Inode {
+                        parent,
+                        name: name.to_owned(),
+                        kind,
+                        lookups: 0,
+                        open: 0,
+                        linked: true,
+                        in_backing: true,
+                        mtime: SystemTime::now(),
+                        content: Content::Remote {
+                            version: String::new(),
+                            size: 0,
+                        },
+                        children: BTreeMap::new(),
+                    },
+                );
+                ino
+            }
+        };
+        tree.children
+            .entry(parent)
+            .or_default()
+            .push((name.to_owned(), ino));
+        if kind == FileKind::Dir {
+            tree.children.entry(ino).or_default();
+        }
+        tree.live.insert(ino);
+        ino
     }
 
     /// Marks an inode unlinked and drops it if nobody remembers it.

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -15,6 +16,7 @@ use nbagent_fusefs::{
 };
 use nbagent_protocol::{FileEntry, FileKind, FileRoot};
 use nix::libc;
+use proptest::prelude::*;
 
 #[test]
 fn unsafe_names_are_refused() {
@@ -65,15 +67,21 @@ fn unsafe_names_are_refused() {
     fs.mkdir(ROOT_INO, OsStr::new(&"y".repeat(255))).unwrap();
 }
 
-/// A backing that serves a fixed listing.
+/// A backing that serves a fixed listing (which a test may replace).
 #[derive(Debug)]
-struct Fixed(Vec<FileEntry>);
+struct Fixed(Mutex<Vec<FileEntry>>);
+
+impl Fixed {
+    fn new(entries: Vec<FileEntry>) -> Self {
+        Fixed(Mutex::new(entries))
+    }
+}
 
 impl Backing for Fixed {
     fn list(&self, _root: FileRoot) -> Result<Listing, BackingError> {
         Ok(Listing {
             writable: false,
-            entries: self.0.clone(),
+            entries: self.0.lock().unwrap().clone(),
         })
     }
     fn read(
@@ -127,7 +135,7 @@ fn bad_listings_are_refused_with_a_clear_error() {
         config.max_entries = max;
         Fs::new(
             config,
-            Arc::new(Fixed(entries)),
+            Arc::new(Fixed::new(entries)),
             Arc::new(ManualClock::default()),
         )
     };
@@ -592,4 +600,138 @@ fn a_readers_close_leaves_a_writers_file_to_the_writer() {
     fs.set_size(a.ino, 4).unwrap();
     fs.release(reader.fh).unwrap();
     assert_eq!(fs::read(b.path().join("a")).unwrap(), b"half");
+}
+
+/// Path -> kind, size and inode, as the core shows a tree (through `readdir`).
+type Shown = BTreeMap<String, (FileKind, u64, u64)>;
+
+fn walk(fs: &Fs) -> Shown {
+    let mut out = Shown::new();
+    let mut stack = vec![(ROOT_INO, String::new())];
+    while let Some((dir, prefix)) = stack.pop() {
+        let fh = fs.opendir(dir).unwrap();
+        for e in fs.readdir(fh, 0).unwrap() {
+            let path = if prefix.is_empty() {
+                e.name.clone()
+            } else {
+                format!("{prefix}/{}", e.name)
+            };
+            if e.attr.kind == FileKind::Dir {
+                stack.push((e.attr.ino, path.clone()));
+            }
+            out.insert(path, (e.attr.kind, e.attr.size, e.attr.ino));
+        }
+        fs.releasedir(fh);
+    }
+    out
+}
+
+/// A server tree from generated paths: what a listing holds (a path under another
+/// becomes a directory; the directories not generated stay implicit) and what the
+/// core must show (every directory).
+fn server_tree(
+    generated: &[(Vec<&str>, bool, u8)],
+) -> (Vec<FileEntry>, BTreeMap<String, (FileKind, u64)>) {
+    let mut listed: BTreeMap<String, (FileKind, u64)> = BTreeMap::new();
+    for (parts, dir, size) in generated {
+        let kind = if *dir { FileKind::Dir } else { FileKind::File };
+        let size = if *dir { 0 } else { u64::from(*size) };
+        listed.insert(parts.join("/"), (kind, size));
+    }
+    let mut shown = listed.clone();
+    for path in listed.keys() {
+        let mut end = 0;
+        while let Some(i) = path[end..].find('/') {
+            shown.insert(path[..end + i].to_owned(), (FileKind::Dir, 0));
+            end += i + 1;
+        }
+    }
+    for (path, entry) in listed.iter_mut() {
+        *entry = shown[path];
+    }
+    let entries = listed
+        .into_iter()
+        .map(|(path, (kind, size))| FileEntry {
+            path,
+            kind,
+            size,
+            mtime_ms: 0,
+            version: if kind == FileKind::File {
+                format!("v{size}")
+            } else {
+                String::new()
+            },
+        })
+        .collect();
+    (entries, shown)
+}
+
+fn generated_tree() -> impl Strategy<Value = Vec<(Vec<&'static str>, bool, u8)>> {
+    let part = prop::sample::select(vec!["a", "b", "c", "d"]);
+    prop::collection::vec(
+        (
+            prop::collection::vec(part, 1..=3),
+            any::<bool>(),
+            any::<u8>(),
+        ),
+        0..12,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// The server's tree changes behind the core's back (files become directories and
+    /// back, whole subtrees come and go): after the TTL the core shows exactly the new
+    /// tree, what stayed (same path, same kind) keeps its inode, and nothing new gets
+    /// an inode of the old tree.
+    #[test]
+    fn a_relisting_shows_the_new_tree_and_keeps_the_inodes_of_what_stayed(
+        old in generated_tree(),
+        new in generated_tree(),
+    ) {
+        let (old_entries, old_shown) = server_tree(&old);
+        let (new_entries, new_shown) = server_tree(&new);
+        let backing = Arc::new(Fixed::new(old_entries));
+        let clock = Arc::new(ManualClock::default());
+        let w = tempfile::tempdir().unwrap();
+        let fs = Fs::new(
+            FsConfig::new(FileRoot::Workspace, w.path()),
+            backing.clone(),
+            clock.clone(),
+        )
+        .unwrap();
+        let shape = |s: &Shown| -> BTreeMap<String, (FileKind, u64)> {
+            s.iter().map(|(p, &(k, size, _))| (p.clone(), (k, size))).collect()
+        };
+        let before = walk(&fs);
+        prop_assert_eq!(shape(&before), old_shown);
+
+        *backing.0.lock().unwrap() = new_entries;
+        clock.advance(Duration::from_secs(61));
+        let after = walk(&fs);
+        prop_assert_eq!(shape(&after), new_shown);
+        let old_inos: BTreeSet<u64> = before.values().map(|&(_, _, ino)| ino).collect();
+        for (path, &(kind, _, ino)) in &after {
+            match before.get(path) {
+                Some(&(old_kind, _, old_ino)) if old_kind == kind => {
+                    prop_assert_eq!(ino, old_ino, "{} kept its inode", path);
+                }
+                _ => prop_assert!(!old_inos.contains(&ino), "{} got an old inode", path),
+            }
+        }
+        for path in before.keys().filter(|p| !after.contains_key(*p)) {
+            let (parent, name) = match path.rsplit_once('/') {
+                Some((dir, name)) => match after.get(dir) {
+                    Some(&(FileKind::Dir, _, ino)) => (ino, name),
+                    _ => continue,
+                },
+                None => (ROOT_INO, path.as_str()),
+            };
+            prop_assert_eq!(
+                fs.lookup(parent, OsStr::new(name)).unwrap_err().errno(),
+                libc::ENOENT
+            );
+        }
+    }
 }
