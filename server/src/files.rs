@@ -224,7 +224,7 @@ pub async fn listing(
     agent: &str,
     root: FileRoot,
 ) -> Result<Vec<FileEntry>, FilesError> {
-    let records = store.files(Some(agent), Some(root_name(root))).await?;
+    let records = store.tree(agent, root_name(root)).await?;
     let mut seen: BTreeSet<String> = records.iter().map(|r| r.path.clone()).collect();
     let mut entries = Vec::with_capacity(records.len());
     for r in records {

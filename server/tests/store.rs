@@ -597,6 +597,27 @@ async fn files_are_listed_and_uploads_keep_conflicts(db: &TestDb) {
         paths(store.files(Some("a"), Some("notebook")).await.unwrap()),
         ["a/notebook/x.csv"]
     );
+    // A whole tree in one aggregated row: the same records as row by row, large
+    // sizes, directories and names that need quoting intact; an empty tree is empty.
+    let mut big = file("a", "notebook", "d/q\"uote\\ é.bin", "v9");
+    big.size = 5 << 40;
+    big.mtime_ms = -1;
+    store.put_file(&big).await.unwrap();
+    let mut dir = file("a", "notebook", "d", "");
+    dir.kind = "dir".to_owned();
+    dir.size = 0;
+    store.put_file(&dir).await.unwrap();
+    let mut tree = store.tree("a", "notebook").await.unwrap();
+    tree.sort_by(|x, y| x.path.cmp(&y.path));
+    assert_eq!(
+        tree,
+        store.files(Some("a"), Some("notebook")).await.unwrap()
+    );
+    assert_eq!(tree.len(), 3);
+    assert_eq!(tree[1], big);
+    assert_eq!(tree[0], dir);
+    assert!(store.tree("a", "nothing").await.unwrap().is_empty());
+    assert!(store.tree("nobody", "notebook").await.unwrap().is_empty());
     assert_eq!(
         store
             .record_file_upload(&file("a", "notebook", "x.csv", "v2"), "v1", "t1")
