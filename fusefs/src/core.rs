@@ -714,6 +714,28 @@ impl Fs {
         Ok((Arc::new(file), path))
     }
 
+    /// Fetches the whole remote content of `ino` into the cache if it is at most
+    /// `limit` bytes and not there yet, with the lock released meanwhile; returns the
+    /// lock taken again. The node may have changed by then: callers look again.
+    fn fetch_unlocked<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        ino: u64,
+        limit: u64,
+    ) -> FsResult<MutexGuard<'a, State>> {
+        let Content::Remote { version, size } = &Self::node(&st, ino)?.content else {
+            return Ok(st);
+        };
+        let (key, size) = (cache_key(version), *size);
+        if size == 0 || size > limit || self.cache.complete(&key, size).is_some() {
+            return Ok(st);
+        }
+        let fetch = self.fetcher(&Self::path_of(&st, ino)?, version);
+        drop(st);
+        self.cache.fill(&key, size, &fetch)?;
+        Ok(self.lock())
+    }
+
     fn fetcher(&self, path: &str, version: &str) -> Fetch {
         let (backing, root) = (self.backing.clone(), self.config.root);
         let (path, version) = (path.to_owned(), version.to_owned());
@@ -1174,8 +1196,26 @@ impl Fs {
     /// Opens a file.
     pub fn open(&self, ino: u64, mode: OpenMode) -> FsResult<Opened> {
         let mut st = self.lock();
-        let node = Self::node(&st, ino)?;
-        if node.kind == FileKind::Dir {
+        if Self::node(&st, ino)?.kind == FileKind::Dir {
+            return Err(FsError::IsDir);
+        }
+        // Contents come first, without the lock: a writer needs the whole file (its
+        // staging copy starts from it), a reader of a small file gets it in one
+        // round trip. Other operations go on meanwhile.
+        if mode.write && !mode.truncate {
+            st = self.fetch_unlocked(st, ino, u64::MAX)?;
+        } else if !mode.write {
+            let limit = self.config.fetch_whole_below;
+            st = match self.fetch_unlocked(st, ino, limit) {
+                Ok(st) => st,
+                Err(e) => {
+                    // Reads fetch (and fail) on their own.
+                    tracing::debug!(ino, error = %e, "prefetch on open failed");
+                    self.lock()
+                }
+            };
+        }
+        if Self::node(&st, ino)?.kind == FileKind::Dir {
             return Err(FsError::IsDir);
         }
         if mode.write || mode.truncate {
@@ -1197,18 +1237,7 @@ impl Fs {
         let (local, staged, keep_cache) = match &Self::node(&st, ino)?.content {
             Content::Staged(s) => (Some(s.file.clone()), true, false),
             Content::Remote { version, size } => {
-                let (version, size) = (version.clone(), *size);
-                let key = cache_key(&version);
-                if size <= self.config.fetch_whole_below
-                    && self.cache.complete(&key, size).is_none()
-                {
-                    let rel = Self::path_of(&st, ino)?;
-                    let fetch = self.fetcher(&rel, &version);
-                    if let Err(e) = self.cache.fill(&key, size, &fetch) {
-                        tracing::debug!(ino, error = %e, "prefetch on open failed");
-                    }
-                }
-                (self.cache.complete(&key, size), false, true)
+                (self.cache.complete(&cache_key(version), *size), false, true)
             }
         };
         let fh = self.new_handle(&mut st, ino, mode.write);

@@ -320,9 +320,11 @@ struct Observed {
     gate: Option<Gate>,
 }
 
-/// Where a gated upload says it started, and waits for its go-ahead.
+/// Where a gated operation (`op`: "upload" or "read") says it started, and waits for
+/// its go-ahead.
 #[derive(Debug)]
 struct Gate {
+    op: &'static str,
     started: Mutex<mpsc::Sender<()>>,
     go: Mutex<mpsc::Receiver<()>>,
 }
@@ -338,14 +340,22 @@ impl Observed {
         }
     }
 
-    /// Uploads send on `started` and then wait for `go`.
-    fn gated(self, started: mpsc::Sender<()>, go: mpsc::Receiver<()>) -> Self {
+    /// Operations `op` send on `started` and then wait for `go`.
+    fn gated(self, op: &'static str, started: mpsc::Sender<()>, go: mpsc::Receiver<()>) -> Self {
         Self {
             gate: Some(Gate {
+                op,
                 started: Mutex::new(started),
                 go: Mutex::new(go),
             }),
             ..self
+        }
+    }
+
+    fn wait_at_gate(&self, op: &str) {
+        if let Some(gate) = self.gate.as_ref().filter(|g| g.op == op) {
+            gate.started.lock().unwrap().send(()).unwrap();
+            gate.go.lock().unwrap().recv().unwrap();
         }
     }
 
@@ -378,6 +388,7 @@ impl Backing for Observed {
         offset: u64,
         len: u32,
     ) -> Result<bytes::Bytes, BackingError> {
+        self.wait_at_gate("read");
         self.inner.read(root, path, version, offset, len)
     }
     fn hand_over(
@@ -396,10 +407,7 @@ impl Backing for Observed {
         self.inner.hand_over(root, path, base, staged)
     }
     fn upload(&self, ticket: nbagent_fusefs::Ticket) -> Result<String, BackingError> {
-        if let Some(gate) = &self.gate {
-            gate.started.lock().unwrap().send(()).unwrap();
-            gate.go.lock().unwrap().recv().unwrap();
-        }
+        self.wait_at_gate("upload");
         let version = self.inner.upload(ticket);
         self.log.lock().unwrap().push("upload".to_owned());
         version
@@ -517,7 +525,7 @@ fn a_release_uploads_without_stopping_other_operations_and_before_a_rename() {
     fs::write(b.path().join("other"), "other bytes").unwrap();
     let (started_tx, started) = mpsc::channel();
     let (go, go_rx) = mpsc::channel();
-    let backing = Arc::new(Observed::new(b.path()).gated(started_tx, go_rx));
+    let backing = Arc::new(Observed::new(b.path()).gated("upload", started_tx, go_rx));
     let fs = backing.fs(w.path());
     let a = fs.lookup(ROOT_INO, OsStr::new("a")).unwrap();
     let rw = OpenMode {
@@ -567,6 +575,64 @@ fn a_release_uploads_without_stopping_other_operations_and_before_a_rename() {
     assert_eq!(backing.log(), ["hand over a", "upload", "rename a c"]);
     assert_eq!(fs::read(b.path().join("c")).unwrap(), b"new content");
     assert!(!b.path().join("a").exists());
+}
+
+#[test]
+fn an_open_that_fetches_from_the_server_does_not_stop_other_operations() {
+    let b = tempfile::tempdir().unwrap();
+    let w = tempfile::tempdir().unwrap();
+    fs::write(b.path().join("small"), "small bytes").unwrap();
+    fs::write(b.path().join("edit"), "to be appended").unwrap();
+    fs::write(b.path().join("other"), "other").unwrap();
+    let (started_tx, started) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel();
+    let backing = Arc::new(Observed::new(b.path()).gated("read", started_tx, go_rx));
+    let fs = backing.fs(w.path());
+    let rw = OpenMode {
+        write: true,
+        truncate: false,
+    };
+    // A reader of a small file (fetched whole at open) and a writer (its staging copy
+    // starts from the whole file), each held inside the backing's read.
+    for (name, mode) in [("small", OpenMode::default()), ("edit", rw)] {
+        let ino = fs.lookup(ROOT_INO, OsStr::new(name)).unwrap().ino;
+        let opening = {
+            let fs = fs.clone();
+            std::thread::spawn(move || fs.open(ino, mode))
+        };
+        started.recv().unwrap();
+        // Meanwhile: lookups, getattrs, a listing and a create that need no server.
+        let (done_tx, done) = mpsc::channel();
+        {
+            let fs = fs.clone();
+            std::thread::spawn(move || {
+                let other = fs.lookup(ROOT_INO, OsStr::new("other")).unwrap();
+                let size = fs.getattr(other.ino).unwrap().size;
+                let dir = fs.opendir(ROOT_INO).unwrap();
+                let listed = fs.readdir(dir, 0).unwrap().len();
+                fs.releasedir(dir);
+                done_tx.send((size, listed)).unwrap();
+            });
+        }
+        let (size, listed) = done
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("other operations waited for the open of {name}"));
+        assert_eq!((size, listed), (5, 3));
+        go.send(()).unwrap();
+        let opened = opening.join().unwrap().unwrap();
+        if mode.write {
+            fs.write(opened.fh, 14, b"!").unwrap();
+            fs.fsync(opened.fh).unwrap();
+            assert_eq!(fs::read(b.path().join("edit")).unwrap(), b"to be appended!");
+        } else {
+            assert!(
+                opened.local.is_some(),
+                "the small file is in the cache once open"
+            );
+            assert_eq!(&fs.read(opened.fh, 0, 100).unwrap()[..], b"small bytes");
+        }
+        fs.release(opened.fh).unwrap();
+    }
 }
 
 #[test]
