@@ -679,6 +679,29 @@ impl ContentCache {
         Some(e.file.clone())
     }
 
+    /// Starts fetching all `size` bytes of `key` (at most one chunk) on a read-ahead
+    /// thread, unless any of it is present or in flight already. A reader of it waits
+    /// for that fetch rather than asking again.
+    pub fn prefetch(&self, key: &str, size: u64, fetch: &Fetch) -> FsResult<()> {
+        if size == 0 || size > u64::from(self.chunk) {
+            return Ok(());
+        }
+        let file = {
+            let mut inner = self.lock();
+            let (file, _) = self.shared.entry_file(&mut inner, key, size)?;
+            let Some(e) = inner.entries.get_mut(key) else {
+                return Ok(());
+            };
+            if !e.present.is_empty() || !e.in_flight.is_empty() {
+                return Ok(());
+            }
+            e.in_flight.insert(0, size);
+            file
+        };
+        self.fetch_in_background(key, &file, 0, size, fetch);
+        Ok(())
+    }
+
     /// Fetches every missing byte of `key`.
     pub fn fill(&self, key: &str, size: u64, fetch: &Fetch) -> FsResult<()> {
         let missing = {

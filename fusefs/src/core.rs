@@ -115,6 +115,13 @@ pub struct FsConfig {
     /// Files up to this size are fetched whole when opened, so they can be passed
     /// through (default 8 MiB).
     pub fetch_whole_below: u64,
+    /// When a reader opens a file, the next this many files of its directory (in name
+    /// order) that are at most [`FsConfig::prefetch_siblings_below`] bytes are fetched
+    /// in the background, so that a loop over a directory's small files does not wait
+    /// one round trip to the server per file (default 8; 0: never).
+    pub prefetch_siblings: usize,
+    /// Largest sibling fetched ahead (default 1 MiB).
+    pub prefetch_siblings_below: u64,
     /// Owner reported for every file.
     pub uid: u32,
     /// Group reported for every file.
@@ -138,6 +145,8 @@ impl FsConfig {
             fetch_chunk: 4 << 20,
             fetch_in_flight: 8,
             fetch_whole_below: 8 << 20,
+            prefetch_siblings: 8,
+            prefetch_siblings_below: 1 << 20,
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
         }
@@ -736,6 +745,45 @@ impl Fs {
         Ok(self.lock())
     }
 
+    /// Starts background fetches of the small files that follow `ino` in its directory
+    /// (see [`FsConfig::prefetch_siblings`]), unless cached or being fetched already.
+    fn prefetch_siblings(&self, st: &State, ino: u64) {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let Ok(node) = Self::node(st, ino) else {
+            return;
+        };
+        if self.config.prefetch_siblings == 0 || !matches!(node.content, Content::Remote { .. }) {
+            return;
+        }
+        let Ok(dir) = Self::dir(st, node.parent) else {
+            return;
+        };
+        let next = dir
+            .children
+            .range::<str, _>((Excluded(node.name.as_str()), Unbounded))
+            .take(self.config.prefetch_siblings);
+        for (_, &sibling) in next {
+            let Some(Inode {
+                kind: FileKind::File,
+                content: Content::Remote { version, size },
+                ..
+            }) = st.inodes.get(&sibling)
+            else {
+                continue;
+            };
+            if *size == 0 || *size > self.config.prefetch_siblings_below {
+                continue;
+            }
+            let Ok(rel) = Self::path_of(st, sibling) else {
+                continue;
+            };
+            let fetch = self.fetcher(&rel, version);
+            if let Err(e) = self.cache.prefetch(&cache_key(version), *size, &fetch) {
+                tracing::debug!(ino = sibling, error = %e, "prefetch of a sibling failed");
+            }
+        }
+    }
+
     fn fetcher(&self, path: &str, version: &str) -> Fetch {
         let (backing, root) = (self.backing.clone(), self.config.root);
         let (path, version) = (path.to_owned(), version.to_owned());
@@ -1233,6 +1281,9 @@ impl Fs {
                 s.file.set_len(0)?;
                 s.dirty = true;
             }
+        }
+        if !mode.write {
+            self.prefetch_siblings(&st, ino);
         }
         let (local, staged, keep_cache) = match &Self::node(&st, ino)?.content {
             Content::Staged(s) => (Some(s.file.clone()), true, false),

@@ -317,6 +317,8 @@ struct Observed {
     keep: tempfile::TempDir,
     links: Mutex<Vec<std::path::PathBuf>>,
     log: Mutex<Vec<String>>,
+    /// Paths read from the backing, in order.
+    reads: Mutex<Vec<String>>,
     gate: Option<Gate>,
 }
 
@@ -336,6 +338,7 @@ impl Observed {
             keep: tempfile::tempdir().unwrap(),
             links: Mutex::default(),
             log: Mutex::default(),
+            reads: Mutex::default(),
             gate: None,
         }
     }
@@ -389,6 +392,7 @@ impl Backing for Observed {
         len: u32,
     ) -> Result<bytes::Bytes, BackingError> {
         self.wait_at_gate("read");
+        self.reads.lock().unwrap().push(path.to_owned());
         self.inner.read(root, path, version, offset, len)
     }
     fn hand_over(
@@ -632,6 +636,57 @@ fn an_open_that_fetches_from_the_server_does_not_stop_other_operations() {
             assert_eq!(&fs.read(opened.fh, 0, 100).unwrap()[..], b"small bytes");
         }
         fs.release(opened.fh).unwrap();
+    }
+}
+
+#[test]
+fn opening_a_file_fetches_the_next_small_files_of_its_directory_once() {
+    let b = tempfile::tempdir().unwrap();
+    let w = tempfile::tempdir().unwrap();
+    fs::create_dir(b.path().join("d")).unwrap();
+    for i in 0..20 {
+        fs::write(b.path().join(format!("d/f{i:02}")), format!("file {i}")).unwrap();
+    }
+    fs::write(b.path().join("d/f05"), vec![7u8; 2 << 20]).unwrap(); // above 1 MiB
+    let backing = Arc::new(Observed::new(b.path()));
+    let fs = backing.fs(w.path());
+    let d = fs.lookup(ROOT_INO, OsStr::new("d")).unwrap().ino;
+    let reads_of = |name: &str| {
+        let path = format!("d/{name}");
+        backing
+            .reads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| **p == path)
+            .count()
+    };
+    // Files f00..f08 opened and read in order, as a loop over the directory does.
+    for i in 0..9 {
+        let name = format!("f{i:02}");
+        let ino = fs.lookup(d, OsStr::new(&name)).unwrap().ino;
+        let h = fs.open(ino, OpenMode::default()).unwrap();
+        let want = if i == 5 {
+            vec![7u8; 100]
+        } else {
+            format!("file {i}").into_bytes()
+        };
+        assert_eq!(&fs.read(h.fh, 0, 100).unwrap()[..], &want[..]);
+        fs.release(h.fh).unwrap();
+    }
+    // The opens of f00..f08 fetched the eight files after each: f01..f16 in the
+    // background, f17 and later not at all.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while (1..=16).any(|i| reads_of(&format!("f{i:02}")) == 0) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", backing.reads);
+        std::thread::yield_now();
+    }
+    for i in 0..20 {
+        let name = format!("f{i:02}");
+        // Once: an open waits for the fetch in flight. f05 is above the limit: only
+        // its own open fetched it.
+        let expected = usize::from(i <= 16);
+        assert_eq!(reads_of(&name), expected, "backing reads of {name}");
     }
 }
 
