@@ -571,27 +571,11 @@ impl Fs {
                 ino
             }
             None => {
-                let ino = st.next_ino;
-                st.next_ino += 1;
-                st.inodes.insert(
-                    ino,
-                    Inode {
-                        parent,
-                        name: name.to_owned(),
-                        kind,
-                        lookups: 0,
-                        open: 0,
-                        linked: true,
-                        in_backing: true,
-                        mtime: SystemTime::now(),
-                        content: Content::Remote {
-                            version: String::new(),
-                            size: 0,
-                        },
-                        children: BTreeMap::new(),
-                    },
-                );
-                ino
+                let remote = Content::Remote {
+                    version: String::new(),
+                    size: 0,
+                };
+                Self::new_inode(st, parent, name, kind, remote, true)
             }
         };
         tree.children
@@ -1116,6 +1100,24 @@ impl Fs {
         content: Content,
         in_backing: bool,
     ) -> u64 {
+        let ino = Self::new_inode(st, parent, name, kind, content, in_backing);
+        if let Some(p) = st.inodes.get_mut(&parent) {
+            p.children.insert(name.to_owned(), ino);
+            p.mtime = SystemTime::now();
+        }
+        st.negative.remove(&(parent, name.to_owned()));
+        ino
+    }
+
+    /// A new linked inode named `name` under `parent` (which does not list it yet).
+    fn new_inode(
+        st: &mut State,
+        parent: u64,
+        name: &str,
+        kind: FileKind,
+        content: Content,
+        in_backing: bool,
+    ) -> u64 {
         let ino = st.next_ino;
         st.next_ino += 1;
         st.inodes.insert(
@@ -1133,11 +1135,6 @@ impl Fs {
                 children: BTreeMap::new(),
             },
         );
-        if let Some(p) = st.inodes.get_mut(&parent) {
-            p.children.insert(name.to_owned(), ino);
-            p.mtime = SystemTime::now();
-        }
-        st.negative.remove(&(parent, name.to_owned()));
         ino
     }
 
