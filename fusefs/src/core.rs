@@ -267,6 +267,11 @@ struct State {
     next_fh: u64,
     writable: bool,
     listed_at: Instant,
+    /// Whether a thread is fetching a re-listing (with the lock released).
+    listing: bool,
+    /// Counts changes to the tree made here (creations, removals, renames, writers,
+    /// uploads): a re-listing fetched while it moved may predate them.
+    changes: AtomicU64,
     negative: HashMap<(u64, String), Instant>,
     /// Inodes a re-listing unlinked (gone from the server), with their last path: a
     /// dirty one cannot be uploaded and its close says so.
@@ -363,6 +368,8 @@ impl Fs {
                 next_fh: 1,
                 writable: false,
                 listed_at: now,
+                listing: false,
+                changes: AtomicU64::new(0),
                 negative: HashMap::new(),
                 vanished: HashMap::new(),
                 staging_seq: 0,
@@ -373,7 +380,8 @@ impl Fs {
         };
         {
             let mut st = fs.lock();
-            fs.relist(&mut st)?;
+            let listing = fs.list_validated()?;
+            fs.apply_listing(&mut st, listing)?;
         }
         Ok(fs)
     }
@@ -422,22 +430,49 @@ impl Fs {
     }
 
     /// Lists again if the listing is older than the TTL; a failure is logged and stale
-    /// data served.
-    fn refresh_if_stale(&self, st: &mut State) {
+    /// data served. The listing is fetched with the lock released: other operations
+    /// (and other callers, which do not wait for it) go on with the current tree
+    /// meanwhile. If the tree changed here in the meantime, the listing may predate
+    /// the change, so it is fetched again with the lock held.
+    fn refresh_if_stale<'a>(&'a self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         let now = self.clock.now();
-        if now.duration_since(st.listed_at) < self.config.attr_ttl {
-            return;
+        if st.listing || now.duration_since(st.listed_at) < self.config.attr_ttl {
+            return st;
         }
-        if let Err(e) = self.relist(st) {
+        let mut st = st;
+        st.listing = true;
+        let changes = st.changes.load(Ordering::Acquire);
+        drop(st);
+        let fetched = self.list_validated();
+        let mut st = self.lock();
+        st.listing = false;
+        let applied = match fetched {
+            Ok(listing) if st.changes.load(Ordering::Acquire) == changes => {
+                self.apply_listing(&mut st, listing)
+            }
+            Ok(_) => {
+                tracing::debug!("the tree changed during a re-listing; listing again");
+                self.list_validated()
+                    .and_then(|listing| self.apply_listing(&mut st, listing))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = applied {
             tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "re-listing failed; serving the previous listing");
             st.listed_at = now
                 .checked_sub(self.config.attr_ttl.saturating_sub(RELIST_RETRY))
                 .unwrap_or(now);
         }
+        st
     }
 
-    fn relist(&self, st: &mut State) -> FsResult<()> {
-        let listing = self.list_validated()?;
+    /// Counts a change to the tree (see `State::changes`).
+    fn changed(st: &State) {
+        st.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Replaces the tree with `listing`.
+    fn apply_listing(&self, st: &mut State, listing: Listing) -> FsResult<()> {
         st.writable = listing.writable;
         st.listed_at = self.clock.now();
         st.negative.clear();
@@ -686,6 +721,7 @@ impl Fs {
     }
 
     fn check_writable(st: &State) -> FsResult<()> {
+        Self::changed(st);
         if st.writable {
             Ok(())
         } else {
@@ -951,6 +987,7 @@ impl Fs {
     /// seeing it: the file stays dirty, and its next close uploads it again (the
     /// backing sends nothing if the content is the same).
     fn uploaded(&self, st: &mut State, ino: u64, version: String, frozen: bool) {
+        Self::changed(st);
         let rel = Self::path_of(st, ino).unwrap_or_default();
         tracing::debug!(ino, path = %rel, version = %version, "uploaded");
         if let Some(Inode {
@@ -1151,13 +1188,13 @@ impl Fs {
         if found.is_some() {
             // A known name is checked against a fresh listing; a known miss is not
             // re-listed while its negative entry lasts.
-            self.refresh_if_stale(&mut st);
+            st = self.refresh_if_stale(st);
             found = Self::dir(&st, parent)?.children.get(name).copied();
         } else {
             if st.negative.get(&key).is_some_and(|exp| *exp > now) {
                 return Err(FsError::NotFound);
             }
-            self.refresh_if_stale(&mut st);
+            st = self.refresh_if_stale(st);
             found = Self::dir(&st, parent)?.children.get(name).copied();
         }
         let Some(ino) = found else {
@@ -1193,14 +1230,14 @@ impl Fs {
     /// Attributes of `ino`.
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
         let mut st = self.lock();
-        self.refresh_if_stale(&mut st);
+        st = self.refresh_if_stale(st);
         self.attr_of(&st, ino)
     }
 
     /// Opens a directory: takes a snapshot of its entries.
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
         let mut st = self.lock();
-        self.refresh_if_stale(&mut st);
+        st = self.refresh_if_stale(st);
         let children: Vec<(String, u64)> = Self::dir(&st, ino)?
             .children
             .iter()

@@ -319,11 +319,13 @@ struct Observed {
     log: Mutex<Vec<String>>,
     /// Paths read from the backing, in order.
     reads: Mutex<Vec<String>>,
+    /// Listings taken.
+    lists: std::sync::atomic::AtomicUsize,
     gate: Option<Gate>,
 }
 
-/// Where a gated operation (`op`: "upload" or "read") says it started, and waits for
-/// its go-ahead.
+/// Where a gated operation (`op`: "upload", "read" or "list") says it started, and
+/// waits for its go-ahead.
 #[derive(Debug)]
 struct Gate {
     op: &'static str,
@@ -339,6 +341,7 @@ impl Observed {
             links: Mutex::default(),
             log: Mutex::default(),
             reads: Mutex::default(),
+            lists: Default::default(),
             gate: None,
         }
     }
@@ -374,14 +377,26 @@ impl Observed {
 
     /// A core over this backing, working in `work`.
     fn fs(self: &Arc<Self>, work: &std::path::Path) -> Arc<Fs> {
+        self.fs_at(work, Arc::new(nbagent_fusefs::SystemClock))
+    }
+
+    fn fs_at(
+        self: &Arc<Self>,
+        work: &std::path::Path,
+        clock: Arc<dyn nbagent_fusefs::Clock>,
+    ) -> Arc<Fs> {
         let config = FsConfig::new(FileRoot::Notebook, work);
-        Arc::new(Fs::new(config, self.clone(), Arc::new(nbagent_fusefs::SystemClock)).unwrap())
+        Arc::new(Fs::new(config, self.clone(), clock).unwrap())
     }
 }
 
 impl Backing for Observed {
     fn list(&self, root: FileRoot) -> Result<Listing, BackingError> {
-        self.inner.list(root)
+        // Taken before the gate: a held listing predates what happens meanwhile.
+        let listing = self.inner.list(root);
+        self.lists.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.wait_at_gate("list");
+        listing
     }
     fn read(
         &self,
@@ -636,6 +651,89 @@ fn an_open_that_fetches_from_the_server_does_not_stop_other_operations() {
             assert_eq!(&fs.read(opened.fh, 0, 100).unwrap()[..], b"small bytes");
         }
         fs.release(opened.fh).unwrap();
+    }
+}
+
+#[test]
+fn a_relisting_does_not_stop_other_operations_and_misses_no_change_made_meanwhile() {
+    let b = tempfile::tempdir().unwrap();
+    let w = tempfile::tempdir().unwrap();
+    fs::write(b.path().join("a"), "alpha").unwrap();
+    let (started_tx, started) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel();
+    let backing = Arc::new(Observed::new(b.path()).gated("list", started_tx, go_rx));
+    let clock = Arc::new(ManualClock::default());
+    let fs = {
+        let (backing, clock, work) = (backing.clone(), clock.clone(), w.path().to_owned());
+        let building = std::thread::spawn(move || backing.fs_at(&work, clock));
+        started.recv().unwrap();
+        go.send(()).unwrap();
+        building.join().unwrap()
+    };
+    let a = fs.lookup(ROOT_INO, OsStr::new("a")).unwrap().ino;
+    let lists = || backing.lists.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(lists(), 1);
+    let rw = OpenMode {
+        write: true,
+        truncate: true,
+    };
+    for round in ["quiet", "a directory made meanwhile"] {
+        fs::write(b.path().join("b"), round).unwrap(); // behind the core's back
+        clock.advance(Duration::from_secs(61));
+        let before = lists();
+        let relisting = {
+            let fs = fs.clone();
+            std::thread::spawn(move || fs.lookup(ROOT_INO, OsStr::new("b")))
+        };
+        started
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a stale tree is listed again");
+        // The listing is held: other operations go on with the tree as it was.
+        let (done_tx, done) = mpsc::channel();
+        {
+            let fs = fs.clone();
+            std::thread::spawn(move || {
+                let size = fs.getattr(a).unwrap().size;
+                let h = fs.open(a, OpenMode::default()).unwrap();
+                let bytes = fs.read(h.fh, 0, 100).unwrap();
+                fs.release(h.fh).unwrap();
+                done_tx.send((size, bytes)).unwrap();
+            });
+        }
+        let (size, bytes) = done
+            .recv_timeout(Duration::from_secs(30))
+            .expect("operations waited for the re-listing");
+        assert_eq!((size, &bytes[..]), (5, &b"alpha"[..]));
+        let made = round != "quiet";
+        if made {
+            // A change here while the held listing (taken before it) is on its way.
+            fs.mkdir(ROOT_INO, OsStr::new("made")).unwrap();
+            let (_, o) = fs.create(ROOT_INO, OsStr::new("new"), rw).unwrap();
+            fs.write(o.fh, 0, b"written").unwrap();
+            fs.release(o.fh).unwrap();
+        }
+        go.send(()).unwrap();
+        if made {
+            // ... so the listing is taken again, with the change in it.
+            started
+                .recv_timeout(Duration::from_secs(30))
+                .expect("a listing that may predate a change is taken again");
+            go.send(()).unwrap();
+        }
+        let b_attr = relisting.join().unwrap().unwrap();
+        assert_eq!(
+            b_attr.size,
+            round.len() as u64,
+            "{round}: the new listing applies"
+        );
+        assert_eq!(lists() - before, 1 + usize::from(made), "{round}");
+        if made {
+            assert_eq!(
+                fs.lookup(ROOT_INO, OsStr::new("made")).unwrap().kind,
+                FileKind::Dir
+            );
+            assert_eq!(fs.lookup(ROOT_INO, OsStr::new("new")).unwrap().size, 7);
+        }
     }
 }
 
