@@ -51,7 +51,7 @@
 //! cold stat: the first one (with the listing from the server) took 47 ms
 //! ```
 //!
-//! This VM's figures move a lot from run to run, so here are six whole runs of the
+//! This VM's figures move a lot from run to run, so here are seven whole runs of the
 //! day's builds (cold stat with its first stat's listing; warm stat and warm read
 //! ratios; warm small-file opens):
 //!
@@ -63,6 +63,7 @@
 //! on          21k         61 ms        73%         97%         19k/s
 //! on          15k         90 ms        119%        100%        12k/s    (CPU per GiB 2.5 s: a slow run)
 //! on          26k         47 ms        111%        87%         16k/s    (the table above)
+//! on          17k         37 ms        82%         100%        18k/s    (write 45%: a 0.67 s close)
 //! off         12k         91 ms        84%         92%          8k/s    (--files-busy-poll-us 0)
 //! ```
 //!
@@ -74,8 +75,12 @@
 //! Before today's work the first stat took 86-91 ms: the server read 10,000 rows
 //! through sqlx's `Any` driver (55-75 ms; one aggregated JSON row now takes 12-18 ms)
 //! and the agent applied the listing in ~27 ms (10 ms now). The cold small-file loop
-//! (2k files/s) now overlaps the next eight files' fetches; it is bounded by the
-//! server, which checks every read against its files table (one query per file).
+//! (2-3k files/s) now overlaps the next eight files' fetches, yet `perf record -a`
+//! over the stat and small-file phases of the last run found the vCPUs 74% idle: the
+//! loop waits rather than computes. Each file still costs a `LOOKUP` and an `OPEN`
+//! round trip, a passthrough backing registration, and on the server a cold blob read
+//! and a query of its files table, and the agent creates a cache file for it; which
+//! of these dominates is not measured yet.
 //!
 //! Measured here on 2026-12-07 (release; kernel 6.18, 2 vCPUs, nothing else running;
 //! `$TMPDIR` on the ext4 root disk, 44% full):
