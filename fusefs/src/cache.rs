@@ -681,8 +681,9 @@ impl ContentCache {
 
     /// Starts fetching all `size` bytes of `key` (at most one chunk) on a read-ahead
     /// thread, unless any of it is present or in flight already. A reader of it waits
-    /// for that fetch rather than asking again.
-    pub fn prefetch(&self, key: &str, size: u64, fetch: &Fetch) -> FsResult<()> {
+    /// for that fetch rather than asking again. `fetch` makes the fetcher, and is
+    /// called only when a fetch starts.
+    pub fn prefetch(&self, key: &str, size: u64, fetch: impl FnOnce() -> Fetch) -> FsResult<()> {
         if size == 0 || size > u64::from(self.chunk) {
             return Ok(());
         }
@@ -698,7 +699,7 @@ impl ContentCache {
             e.in_flight.insert(0, size);
             file
         };
-        self.fetch_in_background(key, &file, 0, size, fetch);
+        self.fetch_in_background(key, &file, 0, size, &fetch());
         Ok(())
     }
 

@@ -271,7 +271,7 @@ struct State {
     listing: bool,
     /// Counts changes to the tree made here (creations, removals, renames, writers,
     /// uploads): a re-listing fetched while it moved may predate them.
-    changes: AtomicU64,
+    changes: u64,
     negative: HashMap<(u64, String), Instant>,
     /// Inodes a re-listing unlinked (gone from the server), with their last path: a
     /// dirty one cannot be uploaded and its close says so.
@@ -369,7 +369,7 @@ impl Fs {
                 writable: false,
                 listed_at: now,
                 listing: false,
-                changes: AtomicU64::new(0),
+                changes: 0,
                 negative: HashMap::new(),
                 vanished: HashMap::new(),
                 staging_seq: 0,
@@ -434,22 +434,19 @@ impl Fs {
     /// (and other callers, which do not wait for it) go on with the current tree
     /// meanwhile. If the tree changed here in the meantime, the listing may predate
     /// the change, so it is fetched again with the lock held.
-    fn refresh_if_stale<'a>(&'a self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    fn refresh_if_stale<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         let now = self.clock.now();
         if st.listing || now.duration_since(st.listed_at) < self.config.attr_ttl {
             return st;
         }
-        let mut st = st;
         st.listing = true;
-        let changes = st.changes.load(Ordering::Acquire);
+        let changes = st.changes;
         drop(st);
         let fetched = self.list_validated();
         let mut st = self.lock();
         st.listing = false;
         let applied = match fetched {
-            Ok(listing) if st.changes.load(Ordering::Acquire) == changes => {
-                self.apply_listing(&mut st, listing)
-            }
+            Ok(listing) if st.changes == changes => self.apply_listing(&mut st, listing),
             Ok(_) => {
                 tracing::debug!("the tree changed during a re-listing; listing again");
                 self.list_validated()
@@ -464,11 +461,6 @@ impl Fs {
                 .unwrap_or(now);
         }
         st
-    }
-
-    /// Counts a change to the tree (see `State::changes`).
-    fn changed(st: &State) {
-        st.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Replaces the tree with `listing`.
@@ -509,7 +501,7 @@ impl Fs {
         tree.live.insert(ROOT_INO);
         for entry in entries {
             let (dir, name) = entry.path.rsplit_once('/').unwrap_or(("", &entry.path));
-            let parent = self.implicit_dirs(st, &mut tree, dir);
+            let parent = Self::implicit_dirs(st, &mut tree, dir);
             let ino = Self::place(st, &mut tree, parent, name, entry.kind);
             if let Some(node) = st.inodes.get_mut(&ino) {
                 node.mtime = mtime_of(entry.mtime_ms);
@@ -565,7 +557,7 @@ impl Fs {
 
     /// The inode of directory `dir` of the new tree, creating the directories of its
     /// path that the listing left implicit.
-    fn implicit_dirs(&self, st: &mut State, tree: &mut NewTree, dir: &str) -> u64 {
+    fn implicit_dirs(st: &mut State, tree: &mut NewTree, dir: &str) -> u64 {
         if let Some(&ino) = tree.dirs.get(dir) {
             return ino;
         }
@@ -720,8 +712,10 @@ impl Fs {
         })
     }
 
-    fn check_writable(st: &State) -> FsResult<()> {
-        Self::changed(st);
+    /// Every operation that changes the tree comes through here first, so this is
+    /// where it is counted (see `State::changes`).
+    fn check_writable(st: &mut State) -> FsResult<()> {
+        st.changes += 1;
         if st.writable {
             Ok(())
         } else {
@@ -745,24 +739,30 @@ impl Fs {
 
     /// Fetches the whole remote content of `ino` into the cache if it is at most
     /// `limit` bytes and not there yet, with the lock released meanwhile; returns the
-    /// lock taken again. The node may have changed by then: callers look again.
+    /// lock (taken again) and how the fetch went. The node may have changed by then:
+    /// callers look again.
     fn fetch_unlocked<'a>(
         &'a self,
         st: MutexGuard<'a, State>,
         ino: u64,
         limit: u64,
-    ) -> FsResult<MutexGuard<'a, State>> {
-        let Content::Remote { version, size } = &Self::node(&st, ino)?.content else {
-            return Ok(st);
+    ) -> (MutexGuard<'a, State>, FsResult<()>) {
+        let (key, size, fetch) = match &Self::node(&st, ino).map(|n| &n.content) {
+            Ok(Content::Remote { version, size }) => {
+                let (key, size) = (cache_key(version), *size);
+                if size == 0 || size > limit || self.cache.complete(&key, size).is_some() {
+                    return (st, Ok(()));
+                }
+                match Self::path_of(&st, ino) {
+                    Ok(rel) => (key, size, self.fetcher(&rel, version)),
+                    Err(e) => return (st, Err(e)),
+                }
+            }
+            _ => return (st, Ok(())),
         };
-        let (key, size) = (cache_key(version), *size);
-        if size == 0 || size > limit || self.cache.complete(&key, size).is_some() {
-            return Ok(st);
-        }
-        let fetch = self.fetcher(&Self::path_of(&st, ino)?, version);
         drop(st);
-        self.cache.fill(&key, size, &fetch)?;
-        Ok(self.lock())
+        let fetched = self.cache.fill(&key, size, &fetch);
+        (self.lock(), fetched)
     }
 
     /// Starts background fetches of the small files that follow `ino` in its directory
@@ -794,11 +794,12 @@ impl Fs {
             if *size == 0 || *size > self.config.prefetch_siblings_below {
                 continue;
             }
-            let Ok(rel) = Self::path_of(st, sibling) else {
-                continue;
+            // The path and fetcher are made only for a fetch that starts.
+            let fetch = || {
+                let rel = Self::path_of(st, sibling).unwrap_or_default();
+                self.fetcher(&rel, version)
             };
-            let fetch = self.fetcher(&rel, version);
-            if let Err(e) = self.cache.prefetch(&cache_key(version), *size, &fetch) {
+            if let Err(e) = self.cache.prefetch(&cache_key(version), *size, fetch) {
                 tracing::debug!(ino = sibling, error = %e, "prefetch of a sibling failed");
             }
         }
@@ -987,7 +988,7 @@ impl Fs {
     /// seeing it: the file stays dirty, and its next close uploads it again (the
     /// backing sends nothing if the content is the same).
     fn uploaded(&self, st: &mut State, ino: u64, version: String, frozen: bool) {
-        Self::changed(st);
+        st.changes += 1;
         let rel = Self::path_of(st, ino).unwrap_or_default();
         tracing::debug!(ino, path = %rel, version = %version, "uploaded");
         if let Some(Inode {
@@ -1285,23 +1286,19 @@ impl Fs {
         // staging copy starts from it), a reader of a small file gets it in one
         // round trip. Other operations go on meanwhile.
         if mode.write && !mode.truncate {
-            st = self.fetch_unlocked(st, ino, u64::MAX)?;
+            let fetched;
+            (st, fetched) = self.fetch_unlocked(st, ino, u64::MAX);
+            fetched?;
         } else if !mode.write {
-            let limit = self.config.fetch_whole_below;
-            st = match self.fetch_unlocked(st, ino, limit) {
-                Ok(st) => st,
-                Err(e) => {
-                    // Reads fetch (and fail) on their own.
-                    tracing::debug!(ino, error = %e, "prefetch on open failed");
-                    self.lock()
-                }
-            };
-        }
-        if Self::node(&st, ino)?.kind == FileKind::Dir {
-            return Err(FsError::IsDir);
+            let fetched;
+            (st, fetched) = self.fetch_unlocked(st, ino, self.config.fetch_whole_below);
+            if let Err(e) = fetched {
+                // Reads fetch (and fail) on their own.
+                tracing::debug!(ino, error = %e, "prefetch on open failed");
+            }
         }
         if mode.write || mode.truncate {
-            Self::check_writable(&st)?;
+            Self::check_writable(&mut st)?;
             st = self.wait_unsealed(st, ino);
             st = self.settle_one(st, ino);
             self.stage(&mut st, ino, mode.truncate)?;
@@ -1356,7 +1353,7 @@ impl Fs {
     pub fn create(&self, parent: u64, name: &OsStr, mode: OpenMode) -> FsResult<(Attr, Opened)> {
         let name = validate_name_os(name)?;
         let mut st = self.lock();
-        Self::check_writable(&st)?;
+        Self::check_writable(&mut st)?;
         if Self::dir(&st, parent)?.children.contains_key(name) {
             return Err(FsError::Exists);
         }
@@ -1562,7 +1559,7 @@ impl Fs {
         if node.kind == FileKind::Dir {
             return Err(FsError::IsDir);
         }
-        Self::check_writable(&st)?;
+        Self::check_writable(&mut st)?;
         st = self.settle(st);
         self.stage(&mut st, ino, size == 0)?;
         if let Some(Inode {
@@ -1588,7 +1585,7 @@ impl Fs {
     pub fn mkdir(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let name = validate_name_os(name)?;
         let mut st = self.settle(self.lock());
-        Self::check_writable(&st)?;
+        Self::check_writable(&mut st)?;
         if Self::dir(&st, parent)?.children.contains_key(name) {
             return Err(FsError::Exists);
         }
@@ -1608,7 +1605,7 @@ impl Fs {
     fn remove(&self, parent: u64, name: &OsStr, kind: FileKind) -> FsResult<()> {
         let name = validate_name_os(name)?;
         let mut st = self.settle(self.lock());
-        Self::check_writable(&st)?;
+        Self::check_writable(&mut st)?;
         let ino = *Self::dir(&st, parent)?
             .children
             .get(name)
@@ -1656,7 +1653,7 @@ impl Fs {
         let name = validate_name_os(name)?;
         let new_name = validate_name_os(new_name)?;
         let mut st = self.settle(self.lock());
-        Self::check_writable(&st)?;
+        Self::check_writable(&mut st)?;
         let ino = *Self::dir(&st, parent)?
             .children
             .get(name)
